@@ -1,0 +1,1 @@
+"""gemma_app: a Gradio chat app on our own JAX/Flax Gemma engine."""

@@ -1,0 +1,155 @@
+"""Gemma 1/2/3 attention: GQA/MQA/MHA, qk-norm, soft-cap, sliding window, and the KV cache.
+
+Einsum axis letters used throughout the engine:
+  B batch, T query positions, S key/cache positions, D model width, N query heads,
+  K key/value heads, G query heads per KV head (N = K * G), H head width, C chunk of S.
+
+The KV cache is plain data: per layer `{"k": [B, S, K, H], "v": [B, S, K, H]}`. Slot == position:
+row b stores the token at position p in slot p, so causality, validity and the sliding window
+are all read off slot indices and no positions array has to be carried between turns. A cache
+attends in chunks of `CACHE_CHUNK` slots and stops at the last used chunk, so a decode step
+costs O(used length) (O(window) on local layers), not O(cache_length).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma_app.nn.config import AttentionType, TransformerConfig
+from gemma_app.nn.layers import Einsum, RMSNorm
+from gemma_app.nn.rope import apply_rope
+
+CACHE_CHUNK = 256  # key slots per step of the chunked attention loop
+_NEG = -1e30  # finite, so a fully masked chunk never produces inf - inf = nan
+
+LayerCache = dict[str, jax.Array]
+
+
+def init_layer_cache(config: TransformerConfig, batch: int, length: int, dtype) -> LayerCache:
+    """Zeros `{"k", "v"}` of shape [B, S, K, H]; `length` must be a multiple of CACHE_CHUNK."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T], [B or 1, S] -> [B, T, S]: causal by position, plus the sliding window.
+
+    A local query at position p sees keys in (p - window, p]: itself and window-1 earlier ones.
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _logits(q: jax.Array, k: jax.Array, cap: float | None) -> jax.Array:
+    # q [B, T, K, G, H], k [B, S, K, H] -> [B, T, K, G, S], in float32
+    logits = jnp.einsum("btkgh,bskh->btkgs", q, k, preferred_element_type=jnp.float32)
+    return _softcap(logits, cap)
+
+
+def dense_attention(q, k, v, q_pos, k_pos, *, window, cap) -> jax.Array:
+    """Reference attention over all keys at once (no cache). Returns [B, T, K, G, H]."""
+    mask = attention_mask(q_pos, k_pos, window)[:, :, None, None, :]  # [B, T, 1, 1, S]
+    logits = jnp.where(mask, _logits(q, k, cap), _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("btkgs,bskh->btkgh", probs, v)
+
+
+def chunked_attention(q, k_cache, v_cache, q_pos, *, window, cap) -> jax.Array:
+    """Attention of queries at `q_pos` over the used chunks of the cache (online softmax).
+
+    The loop bounds are data (the largest query position, and the window on local layers), so
+    one compiled step serves every cache fill level. Returns [B, T, K, G, H].
+    """
+    b, t, k_heads, g, h = q.shape
+    cache_len = k_cache.shape[1]
+    hi = jnp.minimum(jnp.max(q_pos) + 1, cache_len)  # one past the last slot any query sees
+    lo = 0 if window is None else jnp.maximum(jnp.min(q_pos) - window + 1, 0)
+    first, last = lo // CACHE_CHUNK, (hi + CACHE_CHUNK - 1) // CACHE_CHUNK
+
+    def body(c, carry):
+        m, denom, acc = carry
+        start = c * CACHE_CHUNK
+        k = jax.lax.dynamic_slice_in_dim(k_cache, start, CACHE_CHUNK, axis=1)  # [B, C, K, H]
+        v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_CHUNK, axis=1)
+        k_pos = (start + jnp.arange(CACHE_CHUNK))[None, :]  # slot == position
+        mask = attention_mask(q_pos, k_pos, window)[:, :, None, None, :]  # [B, T, 1, 1, C]
+        logits = jnp.where(mask, _logits(q, k, cap), _NEG)  # [B, T, K, G, C]
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        denom = denom * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("btkgc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc = acc * correction[..., None] + pv
+        return m_new, denom, acc
+
+    init = (
+        jnp.full((b, t, k_heads, g), _NEG, jnp.float32),
+        jnp.zeros((b, t, k_heads, g), jnp.float32),
+        jnp.zeros((b, t, k_heads, g, h), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(first, last, body, init)
+    # Padding queries past the cache end may see no key at all; keep them finite.
+    return (acc / jnp.maximum(denom, 1e-30)[..., None]).astype(v_cache.dtype)
+
+
+def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
+    """Writes k/v [B, T, K, H] at slots `positions` [B, T]; slots past the end are dropped."""
+    rows = jnp.arange(k.shape[0])[:, None]
+    return {
+        "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"),
+    }
+
+
+class Attention(nn.Module):
+    """Multi-head attention with the official parameter names (`q_einsum`, `kv_einsum`, ...)."""
+
+    config: TransformerConfig
+    attn_type: AttentionType
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
+    ) -> tuple[LayerCache | None, jax.Array]:
+        """x [B, T, D], positions [B, T] -> (updated cache, [B, T, D])."""
+        cfg = self.config
+        n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
+        pd = self.param_dtype
+        if cfg.use_qkv_einsum:
+            qkv = Einsum((3, n, d, h), param_dtype=pd, name="qkv_einsum")
+            q, k, v = qkv("btd,sndh->sbtnh", x)  # each [B, T, N(=K), H]
+        else:
+            q = Einsum((n, d, h), param_dtype=pd, name="q_einsum")("btd,ndh->btnh", x)
+            kv = Einsum((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")
+            k, v = kv("btd,skdh->sbtkh", x)  # each [B, T, K, H]
+        if cfg.use_qk_norm:
+            q = RMSNorm(param_dtype=pd, name="_query_norm")(q)
+            k = RMSNorm(param_dtype=pd, name="_key_norm")(k)
+
+        base, scale = cfg.rope_base_and_scale(self.attn_type)
+        q = apply_rope(q, positions, base_frequency=base, scale_factor=scale)
+        k = apply_rope(k, positions, base_frequency=base, scale_factor=scale)
+        q = q * jnp.asarray(cfg.query_scale, q.dtype)
+
+        q = q.reshape(*q.shape[:2], k_heads, n // k_heads, h)  # [B, T, K, G, H]
+        window = cfg.sliding_window_size if self.attn_type == AttentionType.LOCAL_SLIDING else None
+        cap = cfg.attn_logits_soft_cap
+        if cache is None:
+            o = dense_attention(q, k, v, positions, positions, window=window, cap=cap)
+        else:
+            cache = write_cache(cache, k, v, positions)
+            o = chunked_attention(q, cache["k"], cache["v"], positions, window=window, cap=cap)
+        o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
+        out = Einsum((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")
+        return cache, out("btnh,nhd->btd", o)

@@ -1,0 +1,233 @@
+"""Named presets: one per released Gemma 1/2/3 text decoder, plus `tiny_*` ones for tests.
+
+Constants follow `shared/reference/gemma_spec.md` §1.1 (read from google-deepmind/gemma's config
+classes; Gemma 1 from the repository's history). No math here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gemma_app.nn.config import (
+    GEMMA2_PATTERN,
+    GEMMA3_PATTERN,
+    AttentionType,
+    TransformerConfig,
+    make_attention_layers_types,
+)
+
+GEMMA1_VOCAB = 256_128  # 256000 sentencepiece pieces, table padded to a multiple of 128
+GEMMA3_VOCAB = 262_144
+
+
+def _gemma1(name: str, *, layers: int, d: int, f: int, heads: int, kv_heads: int):
+    return TransformerConfig(
+        name=name,
+        family=1,
+        num_embed=GEMMA1_VOCAB,
+        embed_dim=d,
+        hidden_dim=f,
+        num_heads=heads,
+        head_dim=256,
+        num_kv_heads=kv_heads,
+        attention_types=(AttentionType.GLOBAL,) * layers,
+        query_pre_attn_scalar=256,
+        transpose_gating_einsum=False,
+    )
+
+
+def _gemma2(name: str, *, layers, d, f, heads, kv_heads, head_dim, qscalar, transpose):
+    return TransformerConfig(
+        name=name,
+        family=2,
+        num_embed=GEMMA1_VOCAB,
+        embed_dim=d,
+        hidden_dim=f,
+        num_heads=heads,
+        head_dim=head_dim,
+        num_kv_heads=kv_heads,
+        attention_types=make_attention_layers_types(GEMMA2_PATTERN, num_layers=layers),
+        sliding_window_size=4096,
+        query_pre_attn_scalar=qscalar,
+        attn_logits_soft_cap=50.0,
+        final_logit_softcap=30.0,
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        transpose_gating_einsum=transpose,
+    )
+
+
+def _gemma3(name: str, *, layers, d, f, heads, kv_heads, head_dim, window, qscalar, rope_scale):
+    return TransformerConfig(
+        name=name,
+        family=3,
+        num_embed=GEMMA3_VOCAB,
+        embed_dim=d,
+        hidden_dim=f,
+        num_heads=heads,
+        head_dim=head_dim,
+        num_kv_heads=kv_heads,
+        attention_types=make_attention_layers_types(GEMMA3_PATTERN, num_layers=layers),
+        sliding_window_size=window,
+        query_pre_attn_scalar=qscalar,
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        use_qk_norm=True,
+        transpose_gating_einsum=True,
+        local_base_frequency=10_000,
+        global_base_frequency=1_000_000,
+        global_scale_factor=rope_scale,
+    )
+
+
+def gemma1_2b() -> TransformerConfig:
+    return _gemma1("gemma1-2b", layers=18, d=2048, f=16384, heads=8, kv_heads=1)
+
+
+def gemma1_7b() -> TransformerConfig:
+    return _gemma1("gemma1-7b", layers=28, d=3072, f=24576, heads=16, kv_heads=16)
+
+
+def gemma2_2b() -> TransformerConfig:
+    return _gemma2(
+        "gemma2-2b", layers=26, d=2304, f=9216, heads=8, kv_heads=4, head_dim=256,
+        qscalar=256, transpose=False,
+    )  # fmt: skip
+
+
+def gemma2_9b() -> TransformerConfig:
+    return _gemma2(
+        "gemma2-9b", layers=42, d=3584, f=14336, heads=16, kv_heads=8, head_dim=256,
+        qscalar=256, transpose=True,
+    )  # fmt: skip
+
+
+def gemma2_27b() -> TransformerConfig:
+    # 27B scales queries by (embed_dim / num_heads) ** -0.5 = 144 ** -0.5, not head_dim.
+    return _gemma2(
+        "gemma2-27b", layers=46, d=4608, f=36864, heads=32, kv_heads=16, head_dim=128,
+        qscalar=4608 // 32, transpose=True,
+    )  # fmt: skip
+
+
+def gemma3_270m() -> TransformerConfig:
+    return _gemma3(
+        "gemma3-270m", layers=18, d=640, f=2048, heads=4, kv_heads=1, head_dim=256,
+        window=512, qscalar=256, rope_scale=1.0,
+    )  # fmt: skip
+
+
+def gemma3_1b() -> TransformerConfig:
+    return _gemma3(
+        "gemma3-1b", layers=26, d=1152, f=6912, heads=4, kv_heads=1, head_dim=256,
+        window=512, qscalar=256, rope_scale=1.0,
+    )  # fmt: skip
+
+
+def gemma3_4b() -> TransformerConfig:
+    return _gemma3(
+        "gemma3-4b", layers=34, d=2560, f=10240, heads=8, kv_heads=4, head_dim=256,
+        window=1024, qscalar=256, rope_scale=8.0,
+    )  # fmt: skip
+
+
+def gemma3_12b() -> TransformerConfig:
+    return _gemma3(
+        "gemma3-12b", layers=48, d=3840, f=15360, heads=16, kv_heads=8, head_dim=256,
+        window=1024, qscalar=256, rope_scale=8.0,
+    )  # fmt: skip
+
+
+def gemma3_27b() -> TransformerConfig:
+    # Like Gemma 2 27B: queries scaled by (5376 / 32) ** -0.5 = 168 ** -0.5.
+    return _gemma3(
+        "gemma3-27b", layers=62, d=5376, f=21504, heads=32, kv_heads=16, head_dim=128,
+        window=1024, qscalar=5376 // 32, rope_scale=8.0,
+    )  # fmt: skip
+
+
+# Tiny presets: every feature of the family switched on at toy sizes, for tests and the demo.
+# Small windows and few layers still exercise local/global mixing on 10-20 token prompts.
+
+
+def tiny_gemma1_mqa(num_embed: int = 256) -> TransformerConfig:
+    return TransformerConfig(
+        name="tiny-gemma1-mqa", family=1, num_embed=num_embed, embed_dim=64, hidden_dim=128,
+        num_heads=4, head_dim=16, num_kv_heads=1, attention_types=(AttentionType.GLOBAL,) * 2,
+        query_pre_attn_scalar=16, transpose_gating_einsum=False,
+    )  # fmt: skip
+
+
+def tiny_gemma1_mha(num_embed: int = 256) -> TransformerConfig:
+    return TransformerConfig(
+        name="tiny-gemma1-mha", family=1, num_embed=num_embed, embed_dim=64, hidden_dim=128,
+        num_heads=4, head_dim=16, num_kv_heads=4, attention_types=(AttentionType.GLOBAL,) * 2,
+        query_pre_attn_scalar=16, transpose_gating_einsum=False,
+    )  # fmt: skip
+
+
+def tiny_gemma2(num_embed: int = 256) -> TransformerConfig:
+    return TransformerConfig(
+        name="tiny-gemma2", family=2, num_embed=num_embed, embed_dim=64, hidden_dim=128,
+        num_heads=4, head_dim=16, num_kv_heads=2,
+        attention_types=make_attention_layers_types(GEMMA2_PATTERN, num_layers=4),
+        sliding_window_size=4, query_pre_attn_scalar=24, attn_logits_soft_cap=50.0,
+        final_logit_softcap=30.0, use_post_attn_norm=True, use_post_ffw_norm=True,
+        transpose_gating_einsum=True,
+    )  # fmt: skip
+
+
+def tiny_gemma3(num_embed: int = 256) -> TransformerConfig:
+    return TransformerConfig(
+        name="tiny-gemma3", family=3, num_embed=num_embed, embed_dim=64, hidden_dim=128,
+        num_heads=4, head_dim=16, num_kv_heads=2,
+        attention_types=make_attention_layers_types(GEMMA3_PATTERN, num_layers=6),
+        sliding_window_size=4, query_pre_attn_scalar=16, use_post_attn_norm=True,
+        use_post_ffw_norm=True, use_qk_norm=True, transpose_gating_einsum=True,
+        local_base_frequency=10_000, global_base_frequency=1_000_000, global_scale_factor=8.0,
+    )  # fmt: skip
+
+
+DEMO_VOCAB = 4096  # size of the project's own sentencepiece model in assets/
+
+
+def tiny_demo(num_embed: int = DEMO_VOCAB) -> TransformerConfig:
+    """The built-in demo: Gemma 3 architecture, random weights, the project's tokenizer."""
+    return TransformerConfig(
+        name="demo-tiny-gemma3", family=3, num_embed=num_embed, embed_dim=128, hidden_dim=512,
+        num_heads=4, head_dim=32, num_kv_heads=1,
+        attention_types=make_attention_layers_types(GEMMA3_PATTERN, num_layers=6),
+        sliding_window_size=64, query_pre_attn_scalar=32, use_post_attn_norm=True,
+        use_post_ffw_norm=True, use_qk_norm=True, transpose_gating_einsum=True,
+        local_base_frequency=10_000, global_base_frequency=1_000_000, global_scale_factor=1.0,
+    )  # fmt: skip
+
+
+PRESETS: dict[str, Callable[[], TransformerConfig]] = {
+    "gemma1-2b": gemma1_2b,
+    "gemma1-7b": gemma1_7b,
+    "gemma2-2b": gemma2_2b,
+    "gemma2-9b": gemma2_9b,
+    "gemma2-27b": gemma2_27b,
+    "gemma3-270m": gemma3_270m,
+    "gemma3-1b": gemma3_1b,
+    "gemma3-4b": gemma3_4b,
+    "gemma3-12b": gemma3_12b,
+    "gemma3-27b": gemma3_27b,
+}
+
+TINY_PRESETS: dict[str, Callable[..., TransformerConfig]] = {
+    "tiny-gemma1-mqa": tiny_gemma1_mqa,
+    "tiny-gemma1-mha": tiny_gemma1_mha,
+    "tiny-gemma2": tiny_gemma2,
+    "tiny-gemma3": tiny_gemma3,
+    "demo": tiny_demo,
+}
+
+
+def get_preset(name: str) -> TransformerConfig:
+    """Looks a preset up by name (`gemma3-1b`, `tiny-gemma3`, `demo`, ...)."""
+    table = {**PRESETS, **TINY_PRESETS}
+    if name not in table:
+        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(table))}")
+    return table[name]()

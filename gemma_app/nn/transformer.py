@@ -1,0 +1,150 @@
+"""The Gemma 1/2/3 decoder: embed -> blocks -> final norm -> tied logits (spec §1.2).
+
+Usage:
+  model = Transformer(config)
+  params = init_params(config, seed=0)            # or a restored checkpoint
+  logits = forward(config, params, tokens)        # [B, T, V], no cache
+  cache = init_cache(config, batch=1, cache_length=1024)
+  logits, cache = model.apply({"params": params}, tokens, positions, cache, logits_at=idx)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma_app.nn.attention import CACHE_CHUNK, Attention, init_layer_cache
+from gemma_app.nn.config import AttentionType, TransformerConfig
+from gemma_app.nn.layers import Embedder, RMSNorm
+
+Cache = dict[str, dict[str, jax.Array]]
+
+
+class FeedForward(nn.Module):
+    """GeGLU MLP with the official bare leaves `gating_einsum` and `linear` (no `/w`)."""
+
+    config: TransformerConfig
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, f = self.config.embed_dim, self.config.hidden_dim
+        scaled = functools.partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal")
+        if self.config.transpose_gating_einsum:  # stored (2, F, D)
+            w = self.param("gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype)
+            gates = jnp.einsum("btd,sfd->sbtf", x, w.astype(x.dtype))
+        else:  # stored (2, D, F): Gemma 1 and Gemma 2 2B
+            w = self.param("gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype)
+            gates = jnp.einsum("btd,sdf->sbtf", x, w.astype(x.dtype))
+        # tanh-approximated GELU, as flax.linen.gelu's default and HF's gelu_pytorch_tanh.
+        hidden = jax.nn.gelu(gates[0], approximate=True) * gates[1]  # [B, T, F]
+        linear = self.param("linear", scaled(in_axis=-2, out_axis=-1), (f, d), self.param_dtype)
+        return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm attention and MLP, each with an optional post-norm."""
+
+    config: TransformerConfig
+    attn_type: AttentionType
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, cache):
+        cfg, pd = self.config, self.param_dtype
+        h = RMSNorm(param_dtype=pd, name="pre_attention_norm")(x)
+        cache, a = Attention(cfg, self.attn_type, param_dtype=pd, name="attn")(h, positions, cache)
+        if cfg.use_post_attn_norm:
+            a = RMSNorm(param_dtype=pd, name="post_attention_norm")(a)
+        x = x + a
+        f = FeedForward(cfg, param_dtype=pd, name="mlp")(RMSNorm(param_dtype=pd, name="pre_ffw_norm")(x))
+        if cfg.use_post_ffw_norm:
+            f = RMSNorm(param_dtype=pd, name="post_ffw_norm")(f)
+        return cache, x + f
+
+
+class Transformer(nn.Module):
+    """Gemma text decoder. `dtype` is the compute dtype; parameters may be stored in another."""
+
+    config: TransformerConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Cache | None = None,
+        *,
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Runs the decoder.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] int positions; with a cache they are also the slots written.
+          cache: None for a plain causal forward over `tokens`, else the per-layer KV cache.
+          logits_at: optional [B] index into T: return logits of that token only, [B, V]
+            (prefill needs just the last prompt token, which saves a [T, V] matmul).
+
+        Returns:
+          (logits [B, T, V] or [B, V] in float32, updated cache or None).
+        """
+        cfg, pd = self.config, self.param_dtype
+        embedder = Embedder(cfg.num_embed, cfg.embed_dim, param_dtype=pd, name="embedder")
+        x = embedder.encode(tokens, self.dtype)  # [B, T, D]
+        new_cache = None if cache is None else {}
+        for i, attn_type in enumerate(cfg.attention_types):
+            name = f"layer_{i}"
+            layer_cache = None if cache is None else cache[name]
+            block = Block(cfg, attn_type, param_dtype=pd, name=name)
+            layer_cache, x = block(x, positions, layer_cache)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
+        x = RMSNorm(param_dtype=pd, name="final_norm")(x)
+        logits = embedder.decode(x).astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            c = cfg.final_logit_softcap
+            logits = c * jnp.tanh(logits / c)
+        return logits, new_cache
+
+
+def cache_slots(cache_length: int) -> int:
+    """Physical cache length: `cache_length` rounded up to whole attention chunks."""
+    return -(-cache_length // CACHE_CHUNK) * CACHE_CHUNK
+
+
+def init_cache(config: TransformerConfig, *, batch: int, cache_length: int, dtype=jnp.float32) -> Cache:
+    """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H]."""
+    slots = cache_slots(cache_length)
+    return {f"layer_{i}": init_layer_cache(config, batch, slots, dtype) for i in range(config.num_layers)}
+
+
+def init_params(config: TransformerConfig, *, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Deterministic random parameters in the official nested tree (tests and the demo)."""
+    model = Transformer(config, param_dtype=dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda rng: model.init(rng, tokens, tokens)["params"])
+    return init(jax.random.key(seed))
+
+
+def abstract_params(config: TransformerConfig, dtype=jnp.float32) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    model = Transformer(config, param_dtype=dtype)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, t), tokens)
+    return shapes["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def forward(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """Full causal forward without cache; positions 0..T-1. Returns float32 [B, T, V]."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits, _ = Transformer(config).apply({"params": params}, tokens, positions)
+    return logits

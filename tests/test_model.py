@@ -1,0 +1,169 @@
+"""The decoder: parameter trees of every preset, golden RMSNorm/RoPE values, cache invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from gemma_app.nn import presets
+from gemma_app.nn.attention import CACHE_CHUNK, attention_mask
+from gemma_app.nn.layers import RMSNorm
+from gemma_app.nn.rope import apply_rope
+from gemma_app.nn.transformer import (
+    Transformer,
+    abstract_params,
+    forward,
+    init_cache,
+    init_params,
+)
+
+# Measured with jax.eval_shape on google-deepmind/gemma (spec §1.1); Gemma 3 4B+ minus SigLIP.
+# Gemma 1: the published 2B/7B counts with the 256128-row (padded) embedding table.
+SPEC_PARAM_COUNTS = {
+    "gemma1-2b": 2_506_172_416 + 128 * 2048,
+    "gemma1-7b": 8_537_680_896 + 128 * 3072,
+    "gemma2-2b": 2_614_636_800,
+    "gemma2-9b": 9_242_164_736,
+    "gemma2-27b": 27_227_718_144,
+    "gemma3-270m": 268_098_176,
+    "gemma3-1b": 999_885_952,
+    "gemma3-4b": 3_880_099_328,
+    "gemma3-12b": 11_765_788_416,
+    "gemma3-27b": 27_009_002_240,
+}
+
+
+def official_tree(cfg) -> dict[str, tuple[int, ...]]:
+    """The official nested tree of spec §2.1, written out independently of the model code."""
+    d, f, n, k, h = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    tree = {"embedder/input_embedding": (cfg.num_embed, d), "final_norm/scale": (d,)}
+    for i in range(cfg.num_layers):
+        p = f"layer_{i}/"
+        tree[p + "pre_attention_norm/scale"] = (d,)
+        tree[p + "pre_ffw_norm/scale"] = (d,)
+        if cfg.family >= 2:
+            tree[p + "post_attention_norm/scale"] = (d,)
+            tree[p + "post_ffw_norm/scale"] = (d,)
+        if k == n:
+            tree[p + "attn/qkv_einsum/w"] = (3, n, d, h)
+        else:
+            tree[p + "attn/q_einsum/w"] = (n, d, h)
+            tree[p + "attn/kv_einsum/w"] = (2, k, d, h)
+        tree[p + "attn/attn_vec_einsum/w"] = (n, h, d)
+        if cfg.family == 3:
+            tree[p + "attn/_query_norm/scale"] = (h,)
+            tree[p + "attn/_key_norm/scale"] = (h,)
+        gemma1_or_2b = cfg.family == 1 or cfg.name == "gemma2-2b"
+        tree[p + "mlp/gating_einsum"] = (2, d, f) if gemma1_or_2b else (2, f, d)
+        tree[p + "mlp/linear"] = (f, d)
+    return tree
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_preset_tree_and_param_count(name):
+    cfg = presets.get_preset(name)
+    shapes = {"/".join(k): v.shape for k, v in flatten_dict(abstract_params(cfg)).items()}
+    assert shapes == official_tree(cfg)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == SPEC_PARAM_COUNTS[name]
+
+
+def test_preset_constants():
+    g3_4b, g3_27b, g2_27b = presets.gemma3_4b(), presets.gemma3_27b(), presets.gemma2_27b()
+    assert g3_4b.global_scale_factor == 8.0 and presets.gemma3_1b().global_scale_factor == 1.0
+    assert g3_27b.query_scale == pytest.approx(168**-0.5)
+    assert g2_27b.query_scale == pytest.approx(144**-0.5)
+    assert presets.gemma2_9b().attn_logits_soft_cap == 50.0
+    assert presets.gemma2_9b().final_logit_softcap == 30.0
+    globals_ = [i for i, t in enumerate(presets.gemma3_1b().attention_types) if t.value == "global"]
+    assert globals_ == [5, 11, 17, 23]
+    assert presets.gemma2_2b().attention_types[:2][1].value == "global"
+    assert presets.gemma1_7b().use_qkv_einsum and not presets.gemma1_2b().use_qkv_einsum
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        presets.get_preset("gemma9-1t")
+
+
+def test_rmsnorm_golden():
+    x = jnp.array([[0.1, 0.2]])
+    out = RMSNorm().apply({"params": {"scale": jnp.zeros(2)}}, x)
+    np.testing.assert_allclose(out, [[0.6324429, 1.2648858]], rtol=1e-6)
+    out = RMSNorm().apply({"params": {"scale": jnp.ones(2)}}, x)
+    np.testing.assert_allclose(out, [[1.2648858, 2.5297716]], rtol=1e-6)
+
+
+def test_rope_golden():
+    x = jnp.ones((2, 1, 2, 4))
+    positions = jnp.array([[1], [0]])
+    out = apply_rope(x, positions, base_frequency=100)
+    np.testing.assert_allclose(out[0, 0, 0], [-0.30116868, 0.89517075, 1.3817732, 1.0948375], rtol=1e-6)
+    np.testing.assert_allclose(out[1], x[1])
+    half = apply_rope(x, positions, base_frequency=100, rope_proportion=0.5)
+    np.testing.assert_allclose(half[0, 0, 1], [-0.30116868, 1.0, 1.3817732, 1.0], rtol=1e-6)
+    scaled = apply_rope(x, positions * 8, base_frequency=100, scale_factor=8.0)
+    np.testing.assert_allclose(scaled, out, rtol=1e-6)
+
+
+def test_sliding_window_mask_literal():
+    q = jnp.arange(5)[None]
+    mask = attention_mask(q, q, window=2)[0].astype(int)
+    expected = [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
+    np.testing.assert_array_equal(mask, expected)
+
+
+TINY = [presets.tiny_gemma1_mqa, presets.tiny_gemma1_mha, presets.tiny_gemma2, presets.tiny_gemma3]
+
+
+@pytest.mark.parametrize("make_config", TINY, ids=lambda f: f.__name__)
+def test_cached_prefill_and_decode_equal_full_forward(make_config):
+    """Prefill in two chunks, then decode token by token == one uncached forward."""
+    cfg = make_config()
+    params = init_params(cfg, seed=1)
+    length = CACHE_CHUNK + 40  # crosses a cache chunk; windows (4) are far smaller
+    tokens = jax.random.randint(jax.random.key(0), (2, length), 0, cfg.num_embed)
+    full = forward(cfg, params, tokens)
+    model = Transformer(cfg)
+    apply = jax.jit(model.apply)
+    cache = init_cache(cfg, batch=2, cache_length=2 * CACHE_CHUNK)
+    pos = jnp.broadcast_to(jnp.arange(length), (2, length))
+    split, prefill_end = 100, length - 10
+    logits_a, cache = apply({"params": params}, tokens[:, :split], pos[:, :split], cache)
+    logits_b, cache = apply(
+        {"params": params}, tokens[:, split:prefill_end], pos[:, split:prefill_end], cache
+    )
+    cached = [logits_a, logits_b]
+    for t in range(prefill_end, length):
+        step, cache = apply({"params": params}, tokens[:, t : t + 1], pos[:, t : t + 1], cache)
+        cached.append(step)
+    np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_logits_at_selects_one_position():
+    cfg = presets.tiny_gemma3()
+    params = init_params(cfg)
+    tokens = jnp.arange(12)[None] % cfg.num_embed
+    pos = jnp.arange(12)[None]
+    full = forward(cfg, params, tokens)
+    cache = init_cache(cfg, batch=1, cache_length=CACHE_CHUNK)
+    last, _ = Transformer(cfg).apply({"params": params}, tokens, pos, cache, logits_at=jnp.array([7]))
+    np.testing.assert_allclose(last[0], full[0, 7], atol=2e-5)
+
+
+def test_right_padded_rows_do_not_leak():
+    """Row 1 is padded with junk after its prompt; its logits match its own unpadded run."""
+    cfg = presets.tiny_gemma2()
+    params = init_params(cfg, seed=3)
+    prompt = jnp.array([5, 9, 2, 7, 7, 1])
+    junk = jnp.array([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [*prompt.tolist(), 99, 98, 97, 96]])
+    cache = init_cache(cfg, batch=2, cache_length=CACHE_CHUNK)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    logits, _ = Transformer(cfg).apply(
+        {"params": params}, junk, pos, cache, logits_at=jnp.array([9, 5])
+    )
+    alone = forward(cfg, params, prompt[None])
+    np.testing.assert_allclose(logits[1], alone[0, -1], atol=2e-5)

@@ -295,7 +295,8 @@ class Sampler:
         done = np.zeros(batch, bool)
         ended = np.zeros(batch, bool)
         lengths = np.asarray(state.lengths).copy()
-        queue = collections.deque([state.token])
+        # The first token lives inside `state`, which the first step donates: read it first.
+        queue = collections.deque([np.asarray(state.token)])
         speculative = state
         try:
             for step in range(max_new_tokens):

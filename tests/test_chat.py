@@ -68,7 +68,10 @@ def test_stream_equals_non_stream_and_topk1_equals_greedy(demo_engine, sampler):
 
 def test_batched_rows_equal_single_rows(demo_engine, sampler):
     tok = demo_engine.tokenizer
-    prompts = [tok.encode("a short one", add_bos=True), tok.encode("a much longer prompt " * 5, add_bos=True)]
+    prompts = [
+        tok.encode("a short one", add_bos=True),
+        tok.encode("a much longer prompt " * 5, add_bos=True),
+    ]
     batched = sampler.generate_all(sampler.prefill(prompts), max_new_tokens=10).tokens
     for row, ids in zip(batched, prompts, strict=True):
         single = sampler.generate_all(sampler.prefill([ids]), max_new_tokens=10).tokens[0]
@@ -101,7 +104,13 @@ def test_seeded_sampling_is_reproducible(demo_engine, sampler):
 def test_stop_and_forbidden_tokens(demo_engine):
     tok = demo_engine.tokenizer
     ids = tok.encode("Stop here", add_bos=True)
-    base = Sampler(model=demo_engine.model, params=demo_engine.params, tokenizer=tok, cache_length=CACHE, max_out_length=32)
+    base = Sampler(
+        model=demo_engine.model,
+        params=demo_engine.params,
+        tokenizer=tok,
+        cache_length=CACHE,
+        max_out_length=32,
+    )
     free = base.generate_all(base.prefill([ids]), max_new_tokens=8).tokens[0]
     stopper = Sampler(
         model=demo_engine.model, params=demo_engine.params, tokenizer=tok,
@@ -145,27 +154,37 @@ def test_slider_values_and_max_new_tokens_do_not_recompile(chat):
     method = sampling.TopPSampling(p=0.9, temperature=0.8)
     chat.chat("Warm up", max_new_tokens=5, sampling=method, rng=0)
     with CompileCounter() as counter:
-        chat.chat("Again", max_new_tokens=9, sampling=sampling.TopPSampling(p=0.5, temperature=1.3), rng=1)
+        chat.chat(
+            "Again", max_new_tokens=9, sampling=sampling.TopPSampling(p=0.5, temperature=1.3), rng=1
+        )
     assert counter.count == 0
 
 
 def test_stream_deltas_concatenate_to_answer(demo_engine, chat):
     for seed in range(3):
         method = sampling.RandomSampling(temperature=2.0)  # wide: hits byte-fallback tokens
-        deltas = list(chat.stream("Say something in any script ✨", sampling=method, rng=seed, max_new_tokens=40))
+        deltas = list(
+            chat.stream(
+                "Say something in any script ✨", sampling=method, rng=seed, max_new_tokens=40
+            )
+        )
         assert "".join(deltas) == chat.turns[-1].answer
         for delta in deltas:
             assert delta and "\ufffd" not in delta or "\ufffd" in chat.turns[-1].answer
 
 
 def test_stop_mid_stream_keeps_session_consistent(demo_engine, chat):
-    gen = chat.stream("Tell me a long story", max_new_tokens=40, sampling=sampling.RandomSampling(), rng=1)
+    gen = chat.stream(
+        "Tell me a long story", max_new_tokens=40, sampling=sampling.RandomSampling(), rng=1
+    )
     seen = "".join(next(gen) for _ in range(3))
     gen.close()  # the UI's stop button
     turn = chat.turns[-1]
     assert not turn.complete and turn.answer.startswith(seen)
     chat.chat("Next message", max_new_tokens=6)  # still usable, and still exact:
-    turns = [(t.user, list(t.answer_tokens)) for t in chat.turns[:-1]] + [(chat.turns[-1].user, None)]
+    turns = [(t.user, list(t.answer_tokens)) for t in chat.turns[:-1]] + [
+        (chat.turns[-1].user, None)
+    ]
     one_shot = chat.template.conversation(turns)
     assert chat._tokens[: len(one_shot)] == one_shot
     expected = greedy_reference(demo_engine, one_shot, len(chat.turns[-1].answer_tokens))

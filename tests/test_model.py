@@ -95,7 +95,9 @@ def test_rope_golden():
     x = jnp.ones((2, 1, 2, 4))
     positions = jnp.array([[1], [0]])
     out = apply_rope(x, positions, base_frequency=100)
-    np.testing.assert_allclose(out[0, 0, 0], [-0.30116868, 0.89517075, 1.3817732, 1.0948375], rtol=1e-6)
+    np.testing.assert_allclose(
+        out[0, 0, 0], [-0.30116868, 0.89517075, 1.3817732, 1.0948375], rtol=1e-6
+    )
     np.testing.assert_allclose(out[1], x[1])
     half = apply_rope(x, positions, base_frequency=100, rope_proportion=0.5)
     np.testing.assert_allclose(half[0, 0, 1], [-0.30116868, 1.0, 1.3817732, 1.0], rtol=1e-6)
@@ -150,7 +152,9 @@ def test_logits_at_selects_one_position():
     pos = jnp.arange(12)[None]
     full = forward(cfg, params, tokens)
     cache = init_cache(cfg, batch=1, cache_length=CACHE_CHUNK)
-    last, _ = Transformer(cfg).apply({"params": params}, tokens, pos, cache, logits_at=jnp.array([7]))
+    last, _ = Transformer(cfg).apply(
+        {"params": params}, tokens, pos, cache, logits_at=jnp.array([7])
+    )
     np.testing.assert_allclose(last[0], full[0, 7], atol=2e-5)
 
 

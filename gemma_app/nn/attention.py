@@ -88,7 +88,9 @@ def chunked_attention(q, k_cache, v_cache, q_pos, *, window, cap) -> jax.Array:
         p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         denom = denom * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("btkgc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum(
+            "btkgc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
         acc = acc * correction[..., None] + pv
         return m_new, denom, acc
 

@@ -229,5 +229,7 @@ def get_preset(name: str) -> TransformerConfig:
     """Looks a preset up by name (`gemma3-1b`, `tiny-gemma3`, `demo`, ...)."""
     table = {**PRESETS, **TINY_PRESETS}
     if name not in table:
-        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(table))}")
+        raise ValueError(
+            f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(table))}"
+        )
     return table[name]()

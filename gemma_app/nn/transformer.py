@@ -34,10 +34,14 @@ class FeedForward(nn.Module):
         d, f = self.config.embed_dim, self.config.hidden_dim
         scaled = functools.partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal")
         if self.config.transpose_gating_einsum:  # stored (2, F, D)
-            w = self.param("gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype)
+            w = self.param(
+                "gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype
+            )
             gates = jnp.einsum("btd,sfd->sbtf", x, w.astype(x.dtype))
         else:  # stored (2, D, F): Gemma 1 and Gemma 2 2B
-            w = self.param("gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype)
+            w = self.param(
+                "gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype
+            )
             gates = jnp.einsum("btd,sdf->sbtf", x, w.astype(x.dtype))
         # tanh-approximated GELU, as flax.linen.gelu's default and HF's gelu_pytorch_tanh.
         hidden = jax.nn.gelu(gates[0], approximate=True) * gates[1]  # [B, T, F]
@@ -60,7 +64,9 @@ class Block(nn.Module):
         if cfg.use_post_attn_norm:
             a = RMSNorm(param_dtype=pd, name="post_attention_norm")(a)
         x = x + a
-        f = FeedForward(cfg, param_dtype=pd, name="mlp")(RMSNorm(param_dtype=pd, name="pre_ffw_norm")(x))
+        f = FeedForward(cfg, param_dtype=pd, name="mlp")(
+            RMSNorm(param_dtype=pd, name="pre_ffw_norm")(x)
+        )
         if cfg.use_post_ffw_norm:
             f = RMSNorm(param_dtype=pd, name="post_ffw_norm")(f)
         return cache, x + f
@@ -120,10 +126,15 @@ def cache_slots(cache_length: int) -> int:
     return -(-cache_length // CACHE_CHUNK) * CACHE_CHUNK
 
 
-def init_cache(config: TransformerConfig, *, batch: int, cache_length: int, dtype=jnp.float32) -> Cache:
+def init_cache(
+    config: TransformerConfig, *, batch: int, cache_length: int, dtype=jnp.float32
+) -> Cache:
     """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H]."""
     slots = cache_slots(cache_length)
-    return {f"layer_{i}": init_layer_cache(config, batch, slots, dtype) for i in range(config.num_layers)}
+    return {
+        f"layer_{i}": init_layer_cache(config, batch, slots, dtype)
+        for i in range(config.num_layers)
+    }
 
 
 def init_params(config: TransformerConfig, *, seed: int = 0, dtype=jnp.float32) -> dict:

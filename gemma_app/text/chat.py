@@ -220,7 +220,9 @@ class ChatSampler:
         ends = set(self.sampler.program.end_tokens)
         eos_like = {self.tokenizer.special.eos, self.tokenizer.special.end_of_turn}
         try:
-            gen = self.sampler.generate(state, max_new_tokens=max_new, sampling=sampling, result=results)
+            gen = self.sampler.generate(
+                state, max_new_tokens=max_new, sampling=sampling, result=results
+            )
             with _closing(gen):
                 for token in gen:
                     token = int(token[0])

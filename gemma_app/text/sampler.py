@@ -302,7 +302,9 @@ class Sampler:
             for step in range(max_new_tokens):
                 token_dev = queue.popleft()
                 if step + 1 < max_new_tokens:
-                    speculative, nxt = _decode_step(self.program, self.params, speculative, sampling)
+                    speculative, nxt = _decode_step(
+                        self.program, self.params, speculative, sampling
+                    )
                     queue.append(nxt)
                 token = np.asarray(token_dev)
                 for b in np.flatnonzero(~done):
@@ -322,7 +324,9 @@ class Sampler:
             )
             if result is not None:
                 result.append(
-                    GenerationResult(tokens, final, ended.tolist(), (lengths >= self.cache_length).tolist())
+                    GenerationResult(
+                        tokens, final, ended.tolist(), (lengths >= self.cache_length).tolist()
+                    )
                 )
 
     def generate_all(

@@ -117,9 +117,8 @@ def _checked(owner: str, name: str, value: object, allowed: _Range) -> object:
     number = float(array)
     if number not in allowed:
         raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}.")
-    if isinstance(value, jax.Array):
-        return value  # Already an array: keep its placement, skip a host round trip.
-    # One Python type per field: jit sees the same weak-typed aval for `1` and `0.9`.
+    # One Python type per field, whatever was passed (int, numpy or concrete jax scalar): jit
+    # then sees the same weak-typed aval for `1`, `0.9` and `np.float32(0.5)`.
     return int(number) if allowed.integer else number
 
 
@@ -296,8 +295,7 @@ def _argmax(x: jax.Array) -> jax.Array:
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
     blocks = _blocks(x)
     block = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # [B], first block with the max
-    row = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
-    return (block * _BLOCK + jnp.argmax(row, axis=-1)).astype(jnp.int32)
+    return _global_id(block, jnp.argmax(_pick(blocks, block), axis=-1))
 
 
 def _categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
@@ -311,8 +309,16 @@ def _categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
     block_rng, token_rng = jax.random.split(rng)
     blocks = _blocks(logits)
     block = jax.random.categorical(block_rng, jax.nn.logsumexp(blocks, axis=-1))  # [B]
-    row = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
-    return (block * _BLOCK + jax.random.categorical(token_rng, row)).astype(jnp.int32)
+    return _global_id(block, jax.random.categorical(token_rng, _pick(blocks, block)))
+
+
+def _pick(blocks: jax.Array, block: jax.Array) -> jax.Array:
+    """[B, N, _BLOCK] blocks, [B] block index -> [B, _BLOCK] the chosen block of each row."""
+    return jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+
+
+def _global_id(block: jax.Array, offset: jax.Array) -> jax.Array:
+    return (block * _BLOCK + offset).astype(jnp.int32)
 
 
 def _categorical_among(rng: jax.Array, values: jax.Array, ids: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_app.nn.config import AttentionType, TransformerConfig
-from gemma_app.nn.layers import Einsum, RMSNorm
+from gemma_app.nn.layers import RMSNorm, Weight, merge_heads, project_heads
 from gemma_app.nn.rope import apply_rope
 
 CACHE_CHUNK = 256  # key slots per step of the chunked attention loop
@@ -129,12 +129,13 @@ class Attention(nn.Module):
         n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
         pd = self.param_dtype
         if cfg.use_qkv_einsum:
-            qkv = Einsum((3, n, d, h), param_dtype=pd, name="qkv_einsum")
-            q, k, v = qkv("btd,sndh->sbtnh", x)  # each [B, T, N(=K), H]
+            w = Weight((3, n, d, h), param_dtype=pd, name="qkv_einsum")(x.dtype)
+            q, k, v = jnp.moveaxis(project_heads(x, w), 1, 3)  # each [B, T, N(=K), H]
         else:
-            q = Einsum((n, d, h), param_dtype=pd, name="q_einsum")("btd,ndh->btnh", x)
-            kv = Einsum((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")
-            k, v = kv("btd,skdh->sbtkh", x)  # each [B, T, K, H]
+            w_q = Weight((n, d, h), param_dtype=pd, name="q_einsum")(x.dtype)
+            q = jnp.moveaxis(project_heads(x, w_q), 0, 2)  # [B, T, N, H]
+            w_kv = Weight((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")(x.dtype)
+            k, v = jnp.moveaxis(project_heads(x, w_kv), 1, 3)  # each [B, T, K, H]
         if cfg.use_qk_norm:
             q = RMSNorm(param_dtype=pd, name="_query_norm")(q)
             k = RMSNorm(param_dtype=pd, name="_key_norm")(k)
@@ -153,5 +154,5 @@ class Attention(nn.Module):
             cache = write_cache(cache, k, v, positions)
             o = chunked_attention(q, cache["k"], cache["v"], positions, window=window, cap=cap)
         o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
-        out = Einsum((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")
-        return cache, out("btnh,nhd->btd", o)
+        w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")(o.dtype)
+        return cache, merge_heads(o, w_o)

@@ -1,4 +1,4 @@
-"""Primitive layers: Einsum (a named weight `w`), RMSNorm, the tied Embedder.
+"""Primitive layers: named weights `w`, head projections, RMSNorm, the tied Embedder.
 
 Parameter names (`w`, `scale`, `input_embedding`) are those of the official checkpoints, so a
 restored checkpoint drops into `model.apply({"params": params}, ...)` without renaming.
@@ -10,27 +10,44 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Fan-in scaled normal init: random weights (tests, the demo model) keep activations at unit
-# scale through many layers. Real checkpoints overwrite these values anyway.
-_default_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2)
 
+class Weight(nn.Module):
+    """A weight named `w`, cast to the compute dtype on use.
 
-class Einsum(nn.Module):
-    """An einsum with one weight named `w` of shape `shape`.
-
-    The weight is cast to the activation dtype, so bf16-stored weights run in fp32 on CPU when
-    the activations are fp32 (XLA:CPU bf16 matmuls are several times slower than fp32).
+    Fan-in scaled normal init keeps random-weight models (tests, the demo) at unit activation
+    scale; real checkpoints overwrite it. bf16-stored weights run in fp32 on CPU this way
+    (XLA:CPU bf16 matmuls are several times slower than fp32).
     """
 
     shape: tuple[int, ...]
-    in_axis: int = -2
+    in_axis: int | tuple[int, ...] = -2
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    def __call__(self, dtype: jnp.dtype) -> jax.Array:
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=self.in_axis)
-        w = self.param("w", init, self.shape, self.param_dtype)
-        return jnp.einsum(eqn, x, w.astype(x.dtype))
+        return self.param("w", init, self.shape, self.param_dtype).astype(dtype)
+
+
+def project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, D] @ w [*lead, D, H] -> [*lead, B, T, H] with the heads as a dot batch axis.
+
+    `einsum("btd,ndh->btnh")` makes XLA:CPU transpose w (D is not the outermost axis) on
+    every call: a full copy of the attention weights per decode step. Batching over the
+    leading axes reads w in place.
+    """
+    *lead, d, h = w.shape
+    b, t, _ = x.shape
+    wf = w.reshape(-1, d, h)  # leading axes merge for free
+    xb = jnp.broadcast_to(x.reshape(1, b * t, d), (wf.shape[0], b * t, d))
+    y = jax.lax.dot_general(xb, wf, (((2,), (1,)), ((0,), (0,))))  # [L, B*T, H]
+    return y.reshape(*lead, b, t, h)
+
+
+def merge_heads(o: jax.Array, w: jax.Array) -> jax.Array:
+    """o [B, T, N, H] @ w [N, H, D] -> [B, T, D] as one [N*H, D] matmul (no weight copy)."""
+    n, h, d = w.shape
+    return jnp.dot(o.reshape(*o.shape[:2], n * h), w.reshape(n * h, d))
 
 
 class RMSNorm(nn.Module):

@@ -34,8 +34,11 @@ def greedy_reference(engine, ids: list[int], n: int) -> list[int]:
     ids = list(ids)
     out = []
     forbidden = list(engine.tokenizer.forbidden_tokens)
+    width = -(-(len(ids) + n) // 128) * 128  # one padded length: one compilation
     for _ in range(n):
-        logits = forward(engine.config, engine.params, jnp.asarray([ids]))[0, -1]
+        padded = np.zeros((1, width), np.int32)
+        padded[0, : len(ids)] = ids  # causal: the zeros after the prompt change nothing
+        logits = forward(engine.config, engine.params, jnp.asarray(padded))[0, len(ids) - 1]
         logits = logits.at[jnp.asarray(forbidden, int)].set(-jnp.inf) if forbidden else logits
         token = int(jnp.argmax(logits))
         out.append(token)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
 
 import jax
@@ -24,9 +25,52 @@ DEMO_TOKENIZER = ASSETS / "tokenizer.model"
 DEMO_SEED = 0
 
 
+_DTYPES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+}
+
+
 def default_compute_dtype() -> jnp.dtype:
     """fp32 on CPU (XLA:CPU runs bf16 matmuls several times slower); bf16 on accelerators."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypeChoice:
+    """How weights are stored and activations computed, and why (shown in the model panel)."""
+
+    param_dtype: jnp.dtype
+    compute_dtype: jnp.dtype
+    note: str = ""
+
+
+def resolve_dtype(requested: str | None = None) -> DtypeChoice:
+    """Maps a user's dtype request ("auto", "float32", "bfloat16") to storage + compute dtypes.
+
+    Measured on a 2-core AVX-512 CPU with XLA:CPU (bench/RESULTS.md): bf16 weights run Gemma 3
+    270M decode ~20x slower than fp32, whether computed in bf16 or upcast per step. So "auto"
+    is fp32 on CPU and bf16 on accelerators, and an explicit bf16 request on CPU is honoured
+    (it halves memory) with a loud note instead of a silent slowdown.
+    """
+    key = (requested or "auto").lower()
+    if key != "auto" and key not in _DTYPES:
+        raise ValueError(f"Unknown dtype {requested!r}: use auto, float32 or bfloat16")
+    on_cpu = jax.default_backend() == "cpu"
+    if key == "auto":
+        dtype = default_compute_dtype()
+        return DtypeChoice(dtype, dtype, "fp32: fastest on CPU" if on_cpu else "")
+    dtype = _DTYPES[key]
+    note = ""
+    if on_cpu and dtype == jnp.bfloat16:
+        note = (
+            "bfloat16 on CPU halves memory but decodes many times slower than float32 "
+            "(XLA:CPU bf16 matmuls); use --dtype float32 if the weights fit in RAM"
+        )
+        logging.getLogger(__name__).warning(note)
+    return DtypeChoice(dtype, dtype, note)
 
 
 @dataclasses.dataclass(frozen=True)

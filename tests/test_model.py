@@ -171,3 +171,34 @@ def test_right_padded_rows_do_not_leak():
     )
     alone = forward(cfg, params, prompt[None])
     np.testing.assert_allclose(logits[1], alone[0, -1], atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_reads_only_the_used_cache_chunks(window):
+    """NaN in every chunk a step must not touch: a read would poison the output."""
+    from gemma_app.nn.attention import chunked_attention
+
+    b, k_heads, g, h, slots = 1, 1, 2, 8, 8 * CACHE_CHUNK
+    pos = 3 * CACHE_CHUNK + 5  # the query sits in chunk 3 of 8
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((b, slots, k_heads, h)).astype(np.float32)
+    v = rng.standard_normal((b, slots, k_heads, h)).astype(np.float32)
+    k[:, pos + 1 :] = np.nan  # future slots: the whole of chunks 4..7 and the rest of chunk 3
+    v[:, pos + 1 :] = np.nan
+    k[:, 4 * CACHE_CHUNK :] = v[:, 4 * CACHE_CHUNK :] = np.nan
+    if window is not None:  # chunks entirely before the window (754..773) are not read either
+        k[:, : 2 * CACHE_CHUNK] = v[:, : 2 * CACHE_CHUNK] = np.nan
+    q = jnp.asarray(rng.standard_normal((b, 1, k_heads, g, h)), jnp.float32)
+    # Masked-but-read slots would still poison the sum (0 * nan), so zero the in-chunk future:
+    k[:, pos + 1 : 4 * CACHE_CHUNK] = v[:, pos + 1 : 4 * CACHE_CHUNK] = 0.0
+    out = chunked_attention(
+        q, jnp.asarray(k), jnp.asarray(v), jnp.array([[pos]]), window=window, cap=None
+    )
+    assert np.isfinite(np.asarray(out)).all()
+    keys = np.arange(slots)
+    seen = (keys <= pos) & ((keys > pos - window) if window else True)
+    logits = np.einsum("gh,sh->gs", np.asarray(q)[0, 0, 0], np.nan_to_num(k[0, :, 0]))
+    logits = np.where(seen, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out[0, 0, 0], probs @ np.nan_to_num(v[0, :, 0]), atol=1e-5)

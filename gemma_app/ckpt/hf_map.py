@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from gemma_app.nn.config import AttentionType, TransformerConfig
+from gemma_app.ckpt.errors import CheckpointMismatchError
+from gemma_app.nn.config import AttentionType, TransformerConfig, VisionConfig
 
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
@@ -56,15 +57,6 @@ _SKIPPED_PREFIXES = (
     "model.multi_modal_projector.",
     "multi_modal_projector.",
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """A state dict or parameter tree does not fit the config; `problems` lists every issue."""
-
-    def __init__(self, what: str, problems: list[str]):
-        self.problems = problems
-        lines = "\n  ".join(problems)
-        super().__init__(f"{what}: {len(problems)} problem(s):\n  {lines}")
 
 
 # --- the key map --------------------------------------------------------------------------
@@ -224,41 +216,73 @@ def hf_to_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> di
     Raises:
       CheckpointMismatchError: listing every missing, unexpected or wrongly shaped tensor.
     """
-    prefix = _text_prefix(state_dict)
+    shapes = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
+    return hf_tensors_to_params(shapes, lambda name: np.asarray(state_dict[name]), config)
+
+
+def hf_tensors_to_params(
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], np.ndarray],
+    config: TransformerConfig,
+    *,
+    convert: Callable[[str, np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
+    """`hf_to_params` over tensors read one at a time, for checkpoints larger than memory.
+
+    Every name and shape is checked before any data is read, so a checkpoint of another
+    model fails fast. Then each leaf of our tree is built from its HF tensor(s) and handed to
+    `convert` (e.g. cast + device transfer) before the next one is read: at most one leaf's
+    HF tensors are alive at a time besides what `convert` keeps.
+
+    Args:
+      shapes: HF name -> shape, for every tensor of the checkpoint.
+      read: HF name -> numpy array (e.g. one `safetensors` `get_tensor`).
+      config: the architecture the checkpoint must match.
+      convert: `(our_path, numpy_leaf) -> leaf`; identity by default.
+
+    Returns:
+      Our nested tree of `convert`ed leaves.
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or wrongly shaped tensor.
+    """
+    prefix = _text_prefix(shapes)
     if prefix is None:
         tried = ", ".join(f"{p}embed_tokens.weight" for p in _TEXT_PREFIXES)
         raise CheckpointMismatchError("Not a Gemma text checkpoint", [f"none of {tried} found"])
     problems: list[str] = []
     text, lm_head = {}, None
-    for name, value in state_dict.items():
+    for name, shape in shapes.items():
         if name.startswith(prefix):
-            text[name[len(prefix) :]] = value
+            text[name[len(prefix) :]] = tuple(shape)
         elif name in _LM_HEAD_KEYS:
-            lm_head = value
+            lm_head = name
         elif not name.startswith(_SKIPPED_PREFIXES):
-            problems.append(f"unexpected {name} {tuple(np.shape(value))}")
+            problems.append(f"unexpected {name} {tuple(shape)}")
 
-    flat = {}
+    embedding_ok = False
     for rule in _rules(config):
-        arrays = []
+        ok = True
         for name in rule.hf:
             if name not in text:
                 problems.append(f"missing {prefix}{name} (expected {rule.hf_shape})")
-                continue
-            array = np.asarray(text.pop(name))
-            if array.shape != rule.hf_shape:
-                problems.append(f"{prefix}{name}: shape {array.shape}, expected {rule.hf_shape}")
-                continue
-            arrays.append(rule.to_ours(array))
-        if len(arrays) == len(rule.hf):
-            flat[rule.ours] = arrays[0] if len(arrays) == 1 else np.stack(arrays)
-    problems += [f"unexpected {prefix}{n} {tuple(np.shape(v))}" for n, v in text.items()]
-    embedding = flat.get("embedder/input_embedding")
-    tied = lm_head is None or embedding is None or np.array_equal(np.asarray(lm_head), embedding)
-    if not tied:
+                ok = False
+            elif (shape := text.pop(name)) != rule.hf_shape:
+                problems.append(f"{prefix}{name}: shape {shape}, expected {rule.hf_shape}")
+                ok = False
+        embedding_ok |= ok and rule.ours == "embedder/input_embedding"
+    problems += [f"unexpected {prefix}{n} {s}" for n, s in text.items()]
+    embedding = f"{prefix}embed_tokens.weight"
+    if lm_head and embedding_ok and not np.array_equal(read(lm_head), read(embedding)):
         problems.append("lm_head.weight differs from embed_tokens: our model ties them")
     if problems:
         raise CheckpointMismatchError(f"HF state dict does not match {config.name}", problems)
+
+    convert = convert or (lambda path, leaf: leaf)
+    flat = {}
+    for rule in _rules(config):
+        arrays = [rule.to_ours(np.asarray(read(f"{prefix}{name}"))) for name in rule.hf]
+        flat[rule.ours] = convert(rule.ours, arrays[0] if len(arrays) == 1 else np.stack(arrays))
     return unflatten_params(flat)
 
 
@@ -464,4 +488,275 @@ def config_from_hf(
         global_base_frequency=rope["global"][0],
         local_scale_factor=rope["local"][1],
         global_scale_factor=rope["global"][1],
+        vision=vision_config_from_hf(config_json),
+    )
+
+
+# ==========================================================================================
+# --- vision tower (Gemma 3 SigLIP) and the multimodal projector ----------------------------
+# ==========================================================================================
+#
+# A separate map: the text functions above skip these tensors, so text-only loading never
+# reads them. A full multimodal load is `hf_to_params` + `hf_vision_to_params`, merged:
+#
+#   params = hf_to_params(sd, config)
+#   vision = hf_vision_to_params(sd, config)
+#   params["vision_encoder"] = vision["vision_encoder"]
+#   params["embedder"].update(vision["embedder"])
+#
+# HF names under `vision_tower.vision_model.` (SigLIP), W = width, N = heads, H = head width,
+# F = MLP width, P = patch, G*G = patches; ours under `vision_encoder/siglip_encoder/`:
+#
+# | HF                                                 | ours                                     |
+# |----------------------------------------------------|------------------------------------------|
+# | `embeddings.patch_embedding.weight` `(W, 3, P, P)` | `embedding/kernel` `(P, P, 3, W)` (HWIO) |
+# | `embeddings.patch_embedding.bias` `(W,)`           | `embedding/bias`                         |
+# | `embeddings.position_embedding.weight` `(G*G, W)`  | `pos_embedding` `(1, G*G, W)`            |
+# | `encoder.layers.{i}.layer_norm1.{weight,bias}`     | `Transformer/encoderblock_{i}/LayerNorm_0/{scale,bias}` |
+# | `...self_attn.{q,k,v}_proj.weight` `(N*H, W)`      | `.../MultiHeadDotProductAttention_0/{query,key,value}/kernel` `(W, N, H)` |
+# | `...self_attn.{q,k,v}_proj.bias` `(N*H,)`          | `.../{query,key,value}/bias` `(N, H)`    |
+# | `...self_attn.out_proj.weight` `(W, N*H)`          | `.../out/kernel` `(N, H, W)`             |
+# | `...self_attn.out_proj.bias` `(W,)`                | `.../out/bias`                           |
+# | `...layer_norm2.{weight,bias}`                     | `.../LayerNorm_1/{scale,bias}`           |
+# | `...mlp.fc1.weight` `(F, W)`, `.bias`              | `.../MlpBlock_0/Dense_0/kernel` `(W, F)`, `bias` |
+# | `...mlp.fc2.weight` `(W, F)`, `.bias`              | `.../MlpBlock_0/Dense_1/kernel` `(F, W)`, `bias` |
+# | `post_layernorm.{weight,bias}`                     | `Transformer/encoder_norm/{scale,bias}`  |
+#
+# and under `multi_modal_projector.`: `mm_input_projection_weight` `(W, D)` (used as
+# `x @ weight`, not an `nn.Linear`) = `embedder/mm_input_projection/w` unchanged, and
+# `mm_soft_emb_norm.weight` `(W,)` = `embedder/mm_soft_embedding_norm/scale` (both `(1 + w)`).
+# LayerNorm weights are plain multipliers on both sides (no `1 +`).
+#
+# The roots of these names differ between the published files and transformers versions;
+# `VISION_LAYOUTS` names them (SigLIP root, projector root). Rules hold the "safetensors" form.
+
+VISION_LAYOUTS: dict[str, tuple[str, str]] = {
+    # Published Gemma 3 safetensors (and transformers 4.50/4.51 in memory).
+    "safetensors": ("vision_tower.vision_model.", "multi_modal_projector."),
+    # `Gemma3ForConditionalGeneration.state_dict()` in transformers 4.52 - 4.x.
+    "transformers4": ("model.vision_tower.vision_model.", "model.multi_modal_projector."),
+    # ... and in transformers 5 (SiglipVisionModel lost its inner `vision_model`).
+    "transformers": ("model.vision_tower.", "model.multi_modal_projector."),
+}
+_SIGLIP, _PROJECTOR = VISION_LAYOUTS["safetensors"]
+_OUR_SIGLIP = "vision_encoder/siglip_encoder/"
+
+
+def _in_layout(name: str, layout: str) -> str:
+    """A rule's (safetensors-form) HF name under another layout's roots."""
+    siglip, projector = VISION_LAYOUTS[layout]
+    if name.startswith(_SIGLIP):
+        return siglip + name.removeprefix(_SIGLIP)
+    return projector + name.removeprefix(_PROJECTOR)
+
+
+def _vision_config(config: TransformerConfig):
+    if config.vision is None:
+        raise ValueError(f"{config.name} has no vision encoder (config.vision is None)")
+    return config.vision
+
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:  # HF OIHW -> HWIO
+    return w.transpose(2, 3, 1, 0)
+
+
+def _conv_kernel_hf(w: np.ndarray) -> np.ndarray:  # HWIO -> OIHW
+    return w.transpose(3, 2, 0, 1)
+
+
+def _vision_rules(config: TransformerConfig) -> list[_Rule]:
+    """One rule per leaf of `vision_encoder/...` and the two `embedder/mm_*` leaves."""
+    vc = _vision_config(config)
+    w, n, h, f, p = vc.width, vc.num_heads, vc.head_dim, vc.mlp_dim, vc.patch_size
+    rules: list[_Rule] = []
+
+    def add(ours: str, our_shape: tuple, hf: str, hf_shape: tuple, *convert) -> None:
+        rules.append(_Rule(_OUR_SIGLIP + ours, our_shape, (_SIGLIP + hf,), hf_shape, *convert))
+
+    def layer_norm(ours: str, hf: str) -> None:
+        add(f"{ours}/scale", (w,), f"{hf}.weight", (w,))
+        add(f"{ours}/bias", (w,), f"{hf}.bias", (w,))
+
+    def reshape(ours: tuple, hf: tuple) -> tuple[Callable, Callable]:
+        return (lambda a: a.reshape(ours)), (lambda a: a.reshape(hf))
+
+    heads_in = (lambda a: a.T.reshape(w, n, h)), (lambda a: a.reshape(w, n * h).T)
+    heads_out = (lambda a: a.T.reshape(n, h, w)), (lambda a: a.reshape(n * h, w).T)
+
+    add("embedding/kernel", (p, p, 3, w), "embeddings.patch_embedding.weight", (w, 3, p, p),
+        _conv_kernel, _conv_kernel_hf)  # fmt: skip
+    add("embedding/bias", (w,), "embeddings.patch_embedding.bias", (w,))
+    add("pos_embedding", (1, vc.num_patches, w), "embeddings.position_embedding.weight",
+        (vc.num_patches, w), *reshape((1, vc.num_patches, w), (vc.num_patches, w)))  # fmt: skip
+    for i in range(vc.depth):
+        ours, hf = f"Transformer/encoderblock_{i}/", f"encoder.layers.{i}."
+        attn = ours + "MultiHeadDotProductAttention_0/"
+        layer_norm(ours + "LayerNorm_0", hf + "layer_norm1")
+        for our_name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            add(f"{attn}{our_name}/kernel", (w, n, h), f"{hf}self_attn.{hf_name}.weight",
+                (n * h, w), *heads_in)  # fmt: skip
+            add(f"{attn}{our_name}/bias", (n, h), f"{hf}self_attn.{hf_name}.bias", (n * h,),
+                *reshape((n, h), (n * h,)))  # fmt: skip
+        add(f"{attn}out/kernel", (n, h, w), f"{hf}self_attn.out_proj.weight", (w, n * h),
+            *heads_out)  # fmt: skip
+        add(f"{attn}out/bias", (w,), f"{hf}self_attn.out_proj.bias", (w,))
+        layer_norm(ours + "LayerNorm_1", hf + "layer_norm2")
+        for dense, fc, shape in (("Dense_0", "fc1", (w, f)), ("Dense_1", "fc2", (f, w))):
+            add(f"{ours}MlpBlock_0/{dense}/kernel", shape, f"{hf}mlp.{fc}.weight", shape[::-1],
+                _transpose, _transpose)  # fmt: skip
+            add(f"{ours}MlpBlock_0/{dense}/bias", shape[1:], f"{hf}mlp.{fc}.bias", shape[1:])
+    layer_norm("Transformer/encoder_norm", "post_layernorm")
+
+    d = config.embed_dim
+    rules.append(_Rule("embedder/mm_input_projection/w", (w, d),
+                       (_PROJECTOR + "mm_input_projection_weight",), (w, d)))  # fmt: skip
+    rules.append(_Rule("embedder/mm_soft_embedding_norm/scale", (w,),
+                       (_PROJECTOR + "mm_soft_emb_norm.weight",), (w,)))  # fmt: skip
+    return rules
+
+
+def vision_param_shapes(config: TransformerConfig) -> dict[str, tuple]:
+    """Our flat paths of every vision leaf (`vision_encoder/...`, `embedder/mm_*`) and shapes."""
+    return {r.ours: r.our_shape for r in _vision_rules(config)}
+
+
+def hf_vision_param_shapes(
+    config: TransformerConfig, layout: str = "safetensors"
+) -> dict[str, tuple]:
+    """Every HF vision-tower / projector tensor of `config` with its shape.
+
+    `layout` is a key of `VISION_LAYOUTS`: "safetensors" for the published files,
+    "transformers" for a transformers 5 `Gemma3ForConditionalGeneration.state_dict()`.
+    """
+    return {_in_layout(r.hf[0], layout): r.hf_shape for r in _vision_rules(config)}
+
+
+def _vision_layout(names: Iterable[str]) -> str | None:
+    names = set(names)
+    probe = _SIGLIP + "embeddings.patch_embedding.weight"
+    return next((lay for lay in VISION_LAYOUTS if _in_layout(probe, lay) in names), None)
+
+
+def hf_vision_to_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dict[str, Any]:
+    """The vision part of a HF Gemma 3 state dict as our nested tree.
+
+    Args:
+      state_dict: HF name -> array; text tensors are ignored.
+      config: a config with `config.vision` set.
+
+    Returns:
+      `{"vision_encoder": {"siglip_encoder": ...}, "embedder": {"mm_input_projection": ...,
+      "mm_soft_embedding_norm": ...}}`.
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or wrongly shaped tensor.
+    """
+    shapes = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
+    return hf_vision_tensors_to_params(shapes, lambda name: np.asarray(state_dict[name]), config)
+
+
+def hf_vision_tensors_to_params(
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], np.ndarray],
+    config: TransformerConfig,
+    *,
+    convert: Callable[[str, np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
+    """`hf_vision_to_params` over tensors read one at a time (see `hf_tensors_to_params`)."""
+    rules = _vision_rules(config)
+    layout = _vision_layout(shapes)
+    if layout is None:
+        probe = _SIGLIP + "embeddings.patch_embedding.weight"
+        tried = ", ".join(_in_layout(probe, lay) for lay in VISION_LAYOUTS)
+        raise CheckpointMismatchError("No Gemma 3 vision tower found", [f"none of {tried}"])
+    roots = VISION_LAYOUTS[layout]
+    ours = {n: tuple(s) for n, s in shapes.items() if n.startswith(roots)}
+    problems: list[str] = []
+    for rule in rules:
+        name = _in_layout(rule.hf[0], layout)
+        if name not in ours:
+            problems.append(f"missing {name} (expected {rule.hf_shape})")
+        elif (shape := ours.pop(name)) != rule.hf_shape:
+            problems.append(f"{name}: shape {shape}, expected {rule.hf_shape}")
+    # e.g. SigLIP's attention-pooling `head.*`, which Gemma 3 does not have.
+    problems += [f"unexpected {n} {s}" for n, s in ours.items()]
+    if problems:
+        raise CheckpointMismatchError(f"HF vision tower does not match {config.name}", problems)
+    convert = convert or (lambda path, leaf: leaf)
+    flat = {}
+    for r in rules:
+        flat[r.ours] = convert(r.ours, r.to_ours(np.asarray(read(_in_layout(r.hf[0], layout)))))
+    return unflatten_params(flat)
+
+
+def vision_params_to_hf(
+    params: Mapping[str, Any], config: TransformerConfig, layout: str = "safetensors"
+) -> dict[str, np.ndarray]:
+    """Our vision leaves (`vision_encoder/...`, `embedder/mm_*`) as HF tensors.
+
+    Other leaves of `params` (the text decoder) are ignored, so a full tree can be passed.
+    `layout`: a key of `VISION_LAYOUTS` (see `hf_vision_param_shapes`).
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or wrongly shaped leaf.
+    """
+    flat = flatten_params(params)
+    rules = _vision_rules(config)
+    known = {r.ours for r in rules}
+    problems = [
+        f"unexpected {path} {tuple(np.shape(v))}"
+        for path, v in flat.items()
+        if path.startswith("vision_encoder/") and path not in known
+    ]
+    state_dict = {}
+    for rule in rules:
+        if rule.ours not in flat:
+            problems.append(f"missing {rule.ours} (expected {rule.our_shape})")
+            continue
+        leaf = np.asarray(flat[rule.ours])
+        if leaf.shape != rule.our_shape:
+            problems.append(f"{rule.ours}: shape {leaf.shape}, expected {rule.our_shape}")
+            continue
+        state_dict[_in_layout(rule.hf[0], layout)] = np.ascontiguousarray(rule.to_hf(leaf))
+    if problems:
+        raise CheckpointMismatchError(f"Vision parameters do not match {config.name}", problems)
+    return state_dict
+
+
+# `SiglipVisionConfig` class defaults of transformers 5.23, for fields a config.json omits.
+_HF_SIGLIP_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    vision_use_head=True, num_channels=3,
+)  # fmt: skip
+
+
+def vision_config_from_hf(config_json: Mapping[str, Any]) -> VisionConfig | None:
+    """Our `VisionConfig` from a `Gemma3ForConditionalGeneration` config.json (None if text-only).
+
+    Raises:
+      ValueError: a SigLIP variant our encoder does not implement.
+    """
+    if "vision_config" not in config_json or config_json.get("vision_config") is None:
+        return None
+    cfg = {**_HF_SIGLIP_DEFAULTS, **config_json["vision_config"]}
+    problems = []
+    if cfg["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        problems.append(f"hidden_act {cfg['hidden_act']!r}")
+    if cfg["layer_norm_eps"] != 1e-6:
+        problems.append(f"layer_norm_eps={cfg['layer_norm_eps']}")
+    if cfg["vision_use_head"]:
+        problems.append("vision_use_head=True (Gemma 3 has no attention-pooling head)")
+    if cfg["num_channels"] != 3:
+        problems.append(f"num_channels={cfg['num_channels']}")
+    if problems:
+        raise ValueError(f"Unsupported Gemma 3 vision config: {', '.join(problems)}")
+    return VisionConfig(
+        image_size=int(cfg["image_size"]),
+        patch_size=int(cfg["patch_size"]),
+        width=int(cfg["hidden_size"]),
+        depth=int(cfg["num_hidden_layers"]),
+        mlp_dim=int(cfg["intermediate_size"]),
+        num_heads=int(cfg["num_attention_heads"]),
+        num_mm_tokens_per_image=int(config_json.get("mm_tokens_per_image", 256)),
     )

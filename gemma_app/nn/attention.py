@@ -33,14 +33,24 @@ def init_layer_cache(config: TransformerConfig, batch: int, length: int, dtype) 
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """[B, T], [B or 1, S] -> [B, T, S]: causal by position, plus the sliding window.
+def attention_mask(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    window: int | None,
+    q_seg: jax.Array | None = None,
+    k_seg: jax.Array | None = None,
+) -> jax.Array:
+    """[B, T], [B or 1, S] -> [B, T, S]: causal by position, image blocks, sliding window.
 
     A local query at position p sees keys in (p - window, p]: itself and window-1 earlier ones.
+    Tokens of one image (equal segment id > 0) also see each other both ways; the window still
+    cuts the past side, as Hugging Face's Gemma 3 masks do (scripts/make_golden_vision.py).
     """
     q = q_pos[:, :, None]
     k = k_pos[:, None, :]
     mask = k <= q
+    if q_seg is not None:
+        mask |= (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] > 0)
     if window is not None:
         mask &= k > q - window
     return mask
@@ -56,25 +66,30 @@ def _logits(q: jax.Array, k: jax.Array, cap: float | None) -> jax.Array:
     return _softcap(logits, cap)
 
 
-def dense_attention(q, k, v, q_pos, k_pos, *, window, cap) -> jax.Array:
+def dense_attention(q, k, v, q_pos, k_pos, *, window, cap, segments=None) -> jax.Array:
     """Reference attention over all keys at once (no cache). Returns [B, T, K, G, H]."""
-    mask = attention_mask(q_pos, k_pos, window)[:, :, None, None, :]  # [B, T, 1, 1, S]
+    mask = attention_mask(q_pos, k_pos, window, segments, segments)
+    mask = mask[:, :, None, None, :]  # [B, T, 1, 1, S]
     logits = jnp.where(mask, _logits(q, k, cap), _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("btkgs,bskh->btkgh", probs, v)
 
 
-def chunked_attention(q, k_cache, v_cache, q_pos, *, window, cap) -> jax.Array:
+def chunked_attention(
+    q, k_cache, v_cache, q_pos, *, window, cap, q_seg=None, seg_cache=None
+) -> jax.Array:
     """Attention of queries at `q_pos` over the used chunks of the cache (online softmax).
 
     The loop bounds are data (the largest query position, and the window on local layers), so
-    one compiled step serves every cache fill level. Returns [B, T, K, G, H].
+    one compiled step serves every cache fill level. `seg_cache` [B, S] holds the image block
+    of each slot (multimodal models only). Returns [B, T, K, G, H].
     """
     b, t, k_heads, g, h = q.shape
     cache_len = k_cache.shape[1]
     hi = jnp.minimum(jnp.max(q_pos) + 1, cache_len)  # one past the last slot any query sees
     lo = 0 if window is None else jnp.maximum(jnp.min(q_pos) - window + 1, 0)
     first, last = lo // CACHE_CHUNK, (hi + CACHE_CHUNK - 1) // CACHE_CHUNK
+    row_end = jnp.max(q_pos, axis=1, keepdims=True)  # [B, 1]
 
     def body(c, carry):
         m, denom, acc = carry
@@ -82,7 +97,13 @@ def chunked_attention(q, k_cache, v_cache, q_pos, *, window, cap) -> jax.Array:
         k = jax.lax.dynamic_slice_in_dim(k_cache, start, CACHE_CHUNK, axis=1)  # [B, C, K, H]
         v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_CHUNK, axis=1)
         k_pos = (start + jnp.arange(CACHE_CHUNK))[None, :]  # slot == position
-        mask = attention_mask(q_pos, k_pos, window)[:, :, None, None, :]  # [B, T, 1, 1, C]
+        k_seg = None
+        if q_seg is not None:
+            k_seg = jax.lax.dynamic_slice_in_dim(seg_cache, start, CACHE_CHUNK, axis=1)
+            # Slots past this call's tokens may hold stale blocks of an abandoned turn.
+            k_seg = jnp.where(k_pos <= row_end, k_seg, -1)
+        mask = attention_mask(q_pos, k_pos, window, q_seg, k_seg)
+        mask = mask[:, :, None, None, :]  # [B, T, 1, 1, C]
         logits = jnp.where(mask, _logits(q, k, cap), _NEG)  # [B, T, K, G, C]
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
@@ -122,9 +143,18 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: LayerCache | None,
+        segments: jax.Array | None = None,
+        seg_cache: jax.Array | None = None,
     ) -> tuple[LayerCache | None, jax.Array]:
-        """x [B, T, D], positions [B, T] -> (updated cache, [B, T, D])."""
+        """x [B, T, D], positions [B, T] -> (updated cache, [B, T, D]).
+
+        `segments` [B, T] numbers the image blocks of the input (0 = text); `seg_cache` [B, S]
+        is the same for every cache slot, already holding this call's tokens.
+        """
         cfg = self.config
         n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
         pd = self.param_dtype
@@ -149,10 +179,15 @@ class Attention(nn.Module):
         window = cfg.sliding_window_size if self.attn_type == AttentionType.LOCAL_SLIDING else None
         cap = cfg.attn_logits_soft_cap
         if cache is None:
-            o = dense_attention(q, k, v, positions, positions, window=window, cap=cap)
+            o = dense_attention(
+                q, k, v, positions, positions, window=window, cap=cap, segments=segments
+            )
         else:
             cache = write_cache(cache, k, v, positions)
-            o = chunked_attention(q, cache["k"], cache["v"], positions, window=window, cap=cap)
+            o = chunked_attention(
+                q, cache["k"], cache["v"], positions, window=window, cap=cap,
+                q_seg=segments, seg_cache=seg_cache,
+            )  # fmt: skip
         o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
         w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")(o.dtype)
         return cache, merge_heads(o, w_o)

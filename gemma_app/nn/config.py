@@ -1,5 +1,8 @@
 """Model configuration: one frozen dataclass describes every Gemma 1/2/3 text decoder.
 
+`VisionConfig` describes the Gemma 3 SigLIP image encoder; a `TransformerConfig` with
+`vision=None` is text-only (`dataclasses.replace(config, vision=None)` drops the encoder).
+
 Values that can be derived (number of layers, query scale, whether Q/K/V share one einsum)
 are properties, not stored fields, so a preset cannot contradict itself.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 
 
@@ -29,6 +33,71 @@ L = AttentionType.LOCAL_SLIDING
 G = AttentionType.GLOBAL
 GEMMA2_PATTERN = (L, G)
 GEMMA3_PATTERN = (L, L, L, L, L, G)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """Architecture of the Gemma 3 SigLIP ViT image encoder and its soft-token pooling.
+
+    The encoder sees a square `image_size` image as a `patches_per_side`**2 grid of
+    `patch_size` patches, and `avg_pool`s the output grid down to `num_mm_tokens_per_image`
+    soft tokens (Gemma 3: 896 px / 14 = 64x64 patches, pooled 4x4 to 16x16 = 256 tokens).
+
+    Attributes:
+      image_size: side of the square input image in pixels.
+      patch_size: side of one square patch in pixels.
+      width: ViT width, also the width of the soft tokens (1152 for So400m).
+      depth: number of encoder blocks.
+      mlp_dim: hidden width of each block's MLP.
+      num_heads: attention heads; head width is `width // num_heads`.
+      num_mm_tokens_per_image: soft tokens per image after pooling (a square number).
+    """
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_mm_tokens_per_image: int
+
+    def __post_init__(self):
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size={self.image_size} is not a multiple of patch_size")
+        if self.width % self.num_heads:
+            problems.append(f"width={self.width} is not a multiple of num_heads")
+        side = math.isqrt(self.num_mm_tokens_per_image)
+        if side * side != self.num_mm_tokens_per_image:
+            problems.append(f"num_mm_tokens_per_image={self.num_mm_tokens_per_image} is not square")
+        elif side == 0 or (self.image_size // self.patch_size) % side:
+            problems.append(
+                f"{self.image_size // self.patch_size} patches per side do not pool evenly to "
+                f"{side} tokens per side"
+            )
+        if problems:
+            raise ValueError(f"Bad VisionConfig: {'; '.join(problems)}")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def tokens_per_side(self) -> int:
+        return math.isqrt(self.num_mm_tokens_per_image)
+
+    @property
+    def pool_size(self) -> int:
+        """Side of the avg-pool window (and its stride), in patches."""
+        return self.patches_per_side // self.tokens_per_side
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +123,7 @@ class TransformerConfig:
       transpose_gating_einsum: MLP gate stored as (2, F, D) instead of (2, D, F).
       local_base_frequency / global_base_frequency: RoPE bases of local / global layers.
       local_scale_factor / global_scale_factor: RoPE positions are divided by this factor.
+      vision: the SigLIP image encoder (Gemma 3 4B/12B/27B), or None for a text-only model.
     """
 
     name: str
@@ -77,6 +147,7 @@ class TransformerConfig:
     global_base_frequency: int = 10_000
     local_scale_factor: float = 1.0
     global_scale_factor: float = 1.0
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -1,11 +1,14 @@
 """Named presets: one per released Gemma 1/2/3 text decoder, plus `tiny_*` ones for tests.
 
+Gemma 3 4B/12B/27B carry the SigLIP image encoder (`vision=gemma3_vision()`, spec §7.1).
+
 Constants follow `shared/reference/gemma_spec.md` §1.1 (read from google-deepmind/gemma's config
 classes; Gemma 1 from the repository's history). No math here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from gemma_app.nn.config import (
@@ -13,6 +16,7 @@ from gemma_app.nn.config import (
     GEMMA3_PATTERN,
     AttentionType,
     TransformerConfig,
+    VisionConfig,
     make_attention_layers_types,
 )
 
@@ -57,7 +61,9 @@ def _gemma2(name: str, *, layers, d, f, heads, kv_heads, head_dim, qscalar, tran
     )
 
 
-def _gemma3(name: str, *, layers, d, f, heads, kv_heads, head_dim, window, qscalar, rope_scale):
+def _gemma3(
+    name: str, *, layers, d, f, heads, kv_heads, head_dim, window, qscalar, rope_scale, vision=None
+):
     return TransformerConfig(
         name=name,
         family=3,
@@ -77,7 +83,16 @@ def _gemma3(name: str, *, layers, d, f, heads, kv_heads, head_dim, window, qscal
         local_base_frequency=10_000,
         global_base_frequency=1_000_000,
         global_scale_factor=rope_scale,
+        vision=vision,
     )
+
+
+def gemma3_vision() -> VisionConfig:
+    """SigLIP So400m/14 at 896 px: 64x64 patches, avg-pooled 4x4 to 256 soft tokens."""
+    return VisionConfig(
+        image_size=896, patch_size=14, width=1152, depth=27, mlp_dim=4304, num_heads=16,
+        num_mm_tokens_per_image=256,
+    )  # fmt: skip
 
 
 def gemma1_2b() -> TransformerConfig:
@@ -127,14 +142,14 @@ def gemma3_1b() -> TransformerConfig:
 def gemma3_4b() -> TransformerConfig:
     return _gemma3(
         "gemma3-4b", layers=34, d=2560, f=10240, heads=8, kv_heads=4, head_dim=256,
-        window=1024, qscalar=256, rope_scale=8.0,
+        window=1024, qscalar=256, rope_scale=8.0, vision=gemma3_vision(),
     )  # fmt: skip
 
 
 def gemma3_12b() -> TransformerConfig:
     return _gemma3(
         "gemma3-12b", layers=48, d=3840, f=15360, heads=16, kv_heads=8, head_dim=256,
-        window=1024, qscalar=256, rope_scale=8.0,
+        window=1024, qscalar=256, rope_scale=8.0, vision=gemma3_vision(),
     )  # fmt: skip
 
 
@@ -142,7 +157,7 @@ def gemma3_27b() -> TransformerConfig:
     # Like Gemma 2 27B: queries scaled by (5376 / 32) ** -0.5 = 168 ** -0.5.
     return _gemma3(
         "gemma3-27b", layers=62, d=5376, f=21504, heads=32, kv_heads=16, head_dim=128,
-        window=1024, qscalar=5376 // 32, rope_scale=8.0,
+        window=1024, qscalar=5376 // 32, rope_scale=8.0, vision=gemma3_vision(),
     )  # fmt: skip
 
 
@@ -188,6 +203,21 @@ def tiny_gemma3(num_embed: int = 256) -> TransformerConfig:
     )  # fmt: skip
 
 
+def tiny_vision() -> VisionConfig:
+    """A toy SigLIP: 112 px / 14 = 8x8 patches pooled 4x4 (the real kernel) to 2x2 = 4 tokens."""
+    return VisionConfig(
+        image_size=112, patch_size=14, width=32, depth=2, mlp_dim=64, num_heads=2,
+        num_mm_tokens_per_image=4,
+    )  # fmt: skip
+
+
+def tiny_gemma3_vision(num_embed: int = 256) -> TransformerConfig:
+    """`tiny_gemma3` plus `tiny_vision`: the multimodal golden (tests/golden) architecture."""
+    return dataclasses.replace(
+        tiny_gemma3(num_embed), name="tiny-gemma3-vision", vision=tiny_vision()
+    )
+
+
 DEMO_VOCAB = 4096  # size of the project's own sentencepiece model in assets/
 
 
@@ -221,6 +251,7 @@ TINY_PRESETS: dict[str, Callable[..., TransformerConfig]] = {
     "tiny-gemma1-mha": tiny_gemma1_mha,
     "tiny-gemma2": tiny_gemma2,
     "tiny-gemma3": tiny_gemma3,
+    "tiny-gemma3-vision": tiny_gemma3_vision,
     "demo": tiny_demo,
 }
 

@@ -57,10 +57,11 @@ class Block(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache):
+    def __call__(self, x, positions, cache, segments=None, seg_cache=None):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(param_dtype=pd, name="pre_attention_norm")(x)
-        cache, a = Attention(cfg, self.attn_type, param_dtype=pd, name="attn")(h, positions, cache)
+        attn = Attention(cfg, self.attn_type, param_dtype=pd, name="attn")
+        cache, a = attn(h, positions, cache, segments, seg_cache)
         if cfg.use_post_attn_norm:
             a = RMSNorm(param_dtype=pd, name="post_attention_norm")(a)
         x = x + a
@@ -87,6 +88,8 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         *,
         logits_at: jax.Array | None = None,
+        mm_embeddings: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Runs the decoder.
 
@@ -96,19 +99,34 @@ class Transformer(nn.Module):
           cache: None for a plain causal forward over `tokens`, else the per-layer KV cache.
           logits_at: optional [B] index into T: return logits of that token only, [B, V]
             (prefill needs just the last prompt token, which saves a [T, V] matmul).
+          mm_embeddings: [B, T, D] soft tokens (projected image features); they replace the
+            token embeddings wherever `segments > 0`.
+          segments: [B, T] image block of each token (1, 2, ... per image; 0 for text): tokens
+            of one image attend to each other both ways.
 
         Returns:
           (logits [B, T, V] or [B, V] in float32, updated cache or None).
         """
         cfg, pd = self.config, self.param_dtype
         embedder = Embedder(cfg.num_embed, cfg.embed_dim, param_dtype=pd, name="embedder")
-        x = embedder.encode(tokens, self.dtype)  # [B, T, D]
+        if segments is None:
+            x = embedder.encode(tokens, self.dtype)  # [B, T, D]
+        else:
+            soft = (segments > 0)[..., None]
+            x = embedder.encode(jnp.where(segments > 0, 0, tokens), self.dtype)
+            x = jnp.where(soft, mm_embeddings.astype(self.dtype), x)
+        seg_cache = None
         new_cache = None if cache is None else {}
+        if cache is not None and "segments" in cache:
+            rows = jnp.arange(tokens.shape[0])[:, None]
+            seg = jnp.zeros_like(tokens) if segments is None else segments
+            seg_cache = cache["segments"].at[rows, positions].set(seg, mode="drop")
+            new_cache["segments"] = seg_cache
         for i, attn_type in enumerate(cfg.attention_types):
             name = f"layer_{i}"
             layer_cache = None if cache is None else cache[name]
             block = Block(cfg, attn_type, param_dtype=pd, name=name)
-            layer_cache, x = block(x, positions, layer_cache)
+            layer_cache, x = block(x, positions, layer_cache, segments, seg_cache)
             if cache is not None:
                 new_cache[name] = layer_cache
         if logits_at is not None:
@@ -131,10 +149,13 @@ def init_cache(
 ) -> Cache:
     """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H]."""
     slots = cache_slots(cache_length)
-    return {
+    cache = {
         f"layer_{i}": init_layer_cache(config, batch, slots, dtype)
         for i in range(config.num_layers)
     }
+    if getattr(config, "vision", None) is not None:  # the image block of every slot
+        cache["segments"] = jnp.zeros((batch, slots), jnp.int32)
+    return cache
 
 
 def init_params(config: TransformerConfig, *, seed: int = 0, dtype=jnp.float32) -> dict:

@@ -1,0 +1,207 @@
+"""Hugging Face Gemma checkpoints: `config.json` + safetensors + `tokenizer.model`.
+
+The architecture comes from `config.json` (`hf_map.config_from_hf`); tensors are read one
+at a time (each `safe_open` is closed again, so no file stays memory-mapped), converted to
+our layout by `hf_map.hf_tensors_to_params`, cast and moved to the device before the next
+one is read. Sharded checkpoints (`model.safetensors.index.json`) are supported.
+
+A repo id (`google/gemma-3-1b-it`) is fetched with `huggingface_hub.snapshot_download`
+(token from `HF_TOKEN` or `huggingface-cli login`; gated repos need the licence accepted on
+their page). Tests exercise local directories only.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from gemma_app.ckpt import errors, hf_map
+from gemma_app.ckpt.errors import brief
+from gemma_app.ckpt.progress import ProgressFn, format_bytes
+from gemma_app.nn.config import TransformerConfig
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+SNAPSHOT_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", TOKENIZER_FILE]
+
+
+def is_hf_dir(path: pathlib.Path) -> bool:
+    path = pathlib.Path(path)
+    return (path / CONFIG_FILE).is_file() and any(path.glob("*.safetensors"))
+
+
+def read_config_json(model_dir: pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise errors.MissingFilesError(f"No {CONFIG_FILE} in {model_dir}.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise errors.CorruptCheckpointError(
+            f"{path} is not valid JSON ({brief(error)})."
+        ) from error
+
+
+def read_config(model_dir: pathlib.Path) -> TransformerConfig:
+    """Our config for a HF directory (named "hf-gemma1/2/3", see `hf_map.config_from_hf`)."""
+    config_json = read_config_json(model_dir)
+    try:
+        return hf_map.config_from_hf(config_json)
+    except (ValueError, KeyError, TypeError) as error:
+        raise errors.UnsupportedModelError(
+            f"{pathlib.Path(model_dir) / CONFIG_FILE}: {error}"
+        ) from error
+
+
+def _shard_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    index = model_dir / INDEX_FILE
+    if not index.is_file():
+        return sorted(model_dir.glob("*.safetensors"))
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as error:
+        raise errors.CorruptCheckpointError(
+            f"{index} is not a valid index ({brief(error)})."
+        ) from error
+    missing = [name for name in names if not (model_dir / name).is_file()]
+    if missing:
+        raise errors.MissingFilesError(
+            f"{model_dir} lacks {len(missing)} of the {len(names)} shards named in {INDEX_FILE}: "
+            f"{', '.join(missing)}. The download is incomplete: fetch the missing files."
+        )
+    return [model_dir / name for name in names]
+
+
+def tensor_index(model_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, tuple[int, ...]]]:
+    """HF tensor name -> (file, shape), from the safetensors headers only."""
+    index = {}
+    for file in _shard_files(pathlib.Path(model_dir)):
+        try:
+            with safetensors.safe_open(file, framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    index[name] = (file, tuple(f.get_slice(name).get_shape()))
+        except (safetensors.SafetensorError, OSError) as error:
+            raise errors.CorruptCheckpointError(
+                f"Cannot read {file} ({brief(error)}). The file is truncated or damaged: download it again."
+            ) from error
+    return index
+
+
+def _reader(index: Mapping[str, tuple[pathlib.Path, tuple[int, ...]]]):
+    def read(name: str) -> np.ndarray:
+        file = index[name][0]
+        try:
+            with safetensors.safe_open(file, framework="numpy") as f:
+                return f.get_tensor(name)
+        except (safetensors.SafetensorError, OSError) as error:
+            raise errors.CorruptCheckpointError(
+                f"Cannot read {name} from {file} ({brief(error)})."
+            ) from error
+
+    return read
+
+
+def load_params(
+    model_dir: pathlib.Path,
+    config: TransformerConfig,
+    *,
+    dtype,
+    progress: ProgressFn,
+    label: str = "",
+    text_only: bool = True,
+) -> dict[str, Any]:
+    """Reads a HF safetensors checkpoint into our tree of device arrays of `dtype`.
+
+    The vision tower and projector are skipped (`hf_map` does not map them for the text
+    decoder); with text_only=False their presence is an error until vision loading exists.
+
+    Raises:
+      CheckpointMismatchError: names/shapes do not fit `config` (all listed, nothing read).
+      CorruptCheckpointError / MissingFilesError: unreadable or missing shards.
+      UnsupportedModelError: vision weights with text_only=False.
+    """
+    index = tensor_index(model_dir)
+    vision = [name for name in index if "vision_tower." in name or "multi_modal_projector." in name]
+    if vision and not text_only:
+        raise errors.UnsupportedModelError(
+            f"{model_dir} holds {len(vision)} vision tensors ({vision[0]}, ...); loading them "
+            "is not supported yet: load with text_only=True."
+        )
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sizes = hf_map.param_shapes(config).values()
+    total = sum(int(np.prod(shape)) for shape in sizes) * np.dtype(dtype).itemsize
+    done = 0
+    progress(f"Loading {label} weights ({format_bytes(total)})", 0.0)
+
+    def convert(path: str, leaf: np.ndarray) -> jax.Array:
+        nonlocal done
+        array = jax.device_put(leaf.astype(dtype, copy=False), sharding)
+        done += array.nbytes
+        progress(f"Loading {label} weights: {format_bytes(done)}", done / total)
+        return array
+
+    shapes = {name: shape for name, (_, shape) in index.items()}
+    return hf_map.hf_tensors_to_params(shapes, _reader(index), config, convert=convert)
+
+
+def snapshot(repo_id: str, progress: ProgressFn) -> pathlib.Path:
+    """Downloads (or finds in the HF cache) the files of `repo_id` that the loader needs."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    progress(f"Fetching {repo_id} from Hugging Face", 0.0)
+    page = f"https://huggingface.co/{repo_id}"
+    try:
+        path = huggingface_hub.snapshot_download(repo_id, allow_patterns=SNAPSHOT_PATTERNS)
+    except hub_errors.GatedRepoError as error:
+        raise errors.AccessDeniedError(
+            f"{repo_id} is gated: accept the Gemma licence at {page} while signed in, then set "
+            "HF_TOKEN to a token of that account (or run `huggingface-cli login`)."
+        ) from error
+    except hub_errors.RepositoryNotFoundError as error:
+        raise errors.ModelNotFoundError(
+            f"Hugging Face has no repo {repo_id} (or it is private: set HF_TOKEN)."
+        ) from error
+    except (hub_errors.LocalEntryNotFoundError, OSError) as error:
+        raise errors.DownloadError(f"Could not download {repo_id} ({brief(error)}).") from error
+    progress(f"{repo_id} is in {path}", 1.0)
+    return pathlib.Path(path)
+
+
+def save(
+    model_dir: pathlib.Path,
+    state_dict: Mapping[str, np.ndarray],
+    config_json: Mapping[str, Any],
+    *,
+    shards: int = 1,
+) -> None:
+    """Writes a HF-layout checkpoint: config.json + safetensors (+ index when sharded).
+
+    For fixtures and conversions; `state_dict` comes from `hf_map.params_to_hf`.
+    """
+    model_dir = pathlib.Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
+    names = list(state_dict)
+    if shards == 1:
+        safetensors.numpy.save_file(dict(state_dict), model_dir / "model.safetensors")
+        return
+    weight_map = {}
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: state_dict[name] for name in names[k::shards]}
+        safetensors.numpy.save_file(part, model_dir / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in state_dict.values())},
+        "weight_map": weight_map,
+    }
+    (model_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))

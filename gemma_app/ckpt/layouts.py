@@ -1,0 +1,199 @@
+"""Orbax checkpoint layouts (spec §2.2) <-> paths of our nested tree, as pure key maps.
+
+Our tree uses '/'-joined paths such as `layer_0/attn/q_einsum/w` and the bare MLP leaves
+`layer_0/mlp/gating_einsum`. Checkpoints spell the same leaves four ways:
+
+* FLAT (the official Gemma 1/2/3 releases): top-level keys are module paths under
+  `transformer/`, leaves sit in small dicts: `{"transformer/layer_0/attn/q_einsum": {"w": x}}`,
+  MLP weights too (`{"transformer/layer_0/mlp/gating_einsum": {"w": x}}`); the Gemma 3
+  vision tower lives under `SigLiPFromPatches_0/...`.
+* NESTED: the `model.init()` tree itself, optionally under a `transformer` root.
+* STACKED: layers stacked by position in the attention pattern:
+  `transformer/stacked_layers/attention_type_{j}/<module>` holds a leading axis `s`, and
+  layer `s * pattern_len + j` is slice `s` (pattern_len = 1 + the largest j).
+* KAULDRON: a training checkpoint, `{"params": ..., "opt_state", "step", "collections"}`,
+  usually in a `default/` sub-directory; only `params` is read.
+
+Joining every key path with '/' makes FLAT and NESTED the same string, so one canonical
+mapping covers all layouts; a `Source` keeps the original key tuple for orbax. No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gemma_app.ckpt.hf_map import unflatten_params
+from gemma_app.nn.config import AttentionType
+
+FLAT, NESTED, STACKED, KAULDRON = "FLAT", "NESTED", "STACKED", "KAULDRON"
+KAULDRON_KEYS = frozenset({"collections", "opt_state", "params", "step"})
+
+# Text-only loading skips these (spec §2.2). Kept in this one place so that vision loading
+# (a later issue) only has to stop skipping `vision_encoder` and the embedder `mm_*` keys.
+ENCODER_ROOTS = ("vision_encoder", "audio_encoder")
+EMBEDDER_ENCODER_KEYS = frozenset(
+    {
+        "mm_input_projection",
+        "mm_soft_embedding_norm",
+        "mm_pre_projection_norm",
+        "mm_input_embedding_extra",
+        "audio_input_projection",
+        "audio_soft_embedding_norm",
+        "audio_input_embedding",
+        "audio_input_embedding_extra",
+    }
+)
+
+_SIGLIP_ROOT = "SigLiPFromPatches_0/"
+_STACKED = re.compile(r"^stacked_layers/attention_type_(\d+)/(.+)$")
+_MLP_WRAPPED = re.compile(r"^(layer_\d+/mlp/(?:gating_einsum|linear))/w$")
+_BARE_MLP = re.compile(r"^layer_\d+/mlp/(?:gating_einsum|linear)$")
+
+
+def is_encoder_path(path: str) -> bool:
+    """True for vision/audio encoder weights (canonical path), which text-only loading skips."""
+    root, _, rest = path.partition("/")
+    return root in ENCODER_ROOTS or (
+        root == "embedder" and rest.split("/")[0] in EMBEDDER_ENCODER_KEYS
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one leaf of our tree lives in a checkpoint.
+
+    Attributes:
+      key: key path in the checkpoint's tree, e.g. `("transformer/layer_0/mlp/linear", "w")`.
+      shape: shape of our leaf (for STACKED: without the stacking axis).
+      dtype: dtype on disk.
+      index: STACKED only: the slice of the stored array's leading axis.
+    """
+
+    key: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    index: int | None = None
+
+
+def detect_layout(keys: Sequence[tuple[str, ...]]) -> str:
+    """FLAT, NESTED, STACKED or KAULDRON, from the key paths of a checkpoint's tree."""
+    if {key[0] for key in keys} == KAULDRON_KEYS:
+        return KAULDRON
+    if any("stacked_layers/" in "/".join(key) for key in keys):
+        return STACKED
+    return FLAT if any("/" in key[0] for key in keys) else NESTED
+
+
+def _canonical(joined: str) -> str:
+    path = joined.removeprefix("transformer/")
+    if path.startswith(_SIGLIP_ROOT):
+        path = "vision_encoder/" + path.removeprefix(_SIGLIP_ROOT)
+    return _MLP_WRAPPED.sub(r"\1", path)
+
+
+def canonical_sources(
+    leaves: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]],
+) -> tuple[str, dict[str, Source], list[str]]:
+    """Maps every leaf of a checkpoint onto a path of our tree.
+
+    Args:
+      leaves: checkpoint key path -> (shape, dtype on disk), e.g. from orbax metadata.
+
+    Returns:
+      (layout, our path -> Source, problems): problems name keys that two leaves map to.
+    """
+    layout = detect_layout(list(leaves))
+    if layout == KAULDRON:
+        leaves = {key: meta for key, meta in leaves.items() if key[0] == "params"}
+    stacked = {}
+    sources: dict[str, Source] = {}
+    problems: list[str] = []
+
+    def add(path: str, source: Source) -> None:
+        if path in sources:
+            problems.append(f"{path} is stored twice: as {sources[path].key} and {source.key}")
+        sources[path] = source
+
+    for key, (shape, dtype) in leaves.items():
+        joined = "/".join(key[1:] if layout == KAULDRON else key)
+        match = _STACKED.match(joined.removeprefix("transformer/"))
+        if match:
+            stacked[key] = (int(match[1]), match[2], tuple(shape), dtype)
+        else:
+            add(_canonical(joined), Source(key, tuple(shape), np.dtype(dtype)))
+    pattern_len = 1 + max((j for j, *_ in stacked.values()), default=0)
+    for key, (j, rest, shape, dtype) in stacked.items():
+        for s in range(shape[0]):
+            path = _canonical(f"layer_{s * pattern_len + j}/{rest}")
+            add(path, Source(key, shape[1:], np.dtype(dtype), index=s))
+    return layout, sources, problems
+
+
+def pattern_length(attention_types: Sequence[AttentionType]) -> int:
+    """Shortest period of the per-layer attention pattern (Gemma 1: 1, 2: 2, 3: 6)."""
+    n = len(attention_types)
+    return next(
+        p
+        for p in range(1, n + 1)
+        if all(t == attention_types[i % p] for i, t in enumerate(attention_types))
+    )
+
+
+# --- writing (test fixtures, benchmarks) ----------------------------------------------------
+
+
+def _module_and_leaf(path: str) -> tuple[str, str]:
+    """`layer_0/attn/q_einsum/w` -> (`layer_0/attn/q_einsum`, `w`); bare MLP leaves get `w`."""
+    if _BARE_MLP.match(path):
+        return path, "w"
+    module, leaf = path.rsplit("/", 1)
+    return module, leaf
+
+
+def _flat_key(module: str) -> str:
+    if module.startswith("vision_encoder/"):
+        return _SIGLIP_ROOT + module.removeprefix("vision_encoder/")
+    return f"transformer/{module}"
+
+
+def to_layout(flat: Mapping[str, Any], layout: str, *, pattern_len: int = 1) -> dict[str, Any]:
+    """Our '/'-joined leaves -> the tree a checkpoint of `layout` stores (inverse of the above).
+
+    Args:
+      flat: our path -> array (may include `vision_encoder/...` and embedder `mm_*` leaves).
+      layout: FLAT, NESTED, STACKED or KAULDRON.
+      pattern_len: STACKED only: layers per attention pattern (`pattern_length`).
+    """
+    if layout == NESTED:
+        return unflatten_params(flat)
+    if layout == KAULDRON:
+        step = np.zeros((), np.int64)
+        return {
+            "params": unflatten_params(flat),
+            "step": step,
+            "opt_state": {"count": step},
+            "collections": {"unused": step},
+        }
+    tree: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], dict[int, Any]] = {}
+    for path, value in flat.items():
+        module, leaf = _module_and_leaf(path)
+        layer = re.match(r"^layer_(\d+)/(.+)$", module)
+        if layout == STACKED and layer:
+            i = int(layer[1])
+            j, s = i % pattern_len, i // pattern_len
+            groups.setdefault((f"stacked_layers/attention_type_{j}/{layer[2]}", leaf), {})[s] = (
+                value
+            )
+        else:
+            tree.setdefault(_flat_key(module), {})[leaf] = value
+    for (module, leaf), by_slice in groups.items():
+        tree.setdefault(f"transformer/{module}", {})[leaf] = np.stack(
+            [by_slice[s] for s in sorted(by_slice)]
+        )
+    return tree

@@ -1,0 +1,197 @@
+"""Writes checkpoint fixtures in the official on-disk layouts, with random tiny weights.
+
+    python scripts/make_checkpoints.py OUT_DIR
+
+The tests call `make_all(tmp_dir)` once per session (nothing here is committed). OUT_DIR gets:
+
+    orbax/<preset>/<LAYOUT>/        random bf16 weights of tiny-gemma2 / tiny-gemma3 in the
+                                    FLAT (official), NESTED, STACKED and KAULDRON layouts
+    orbax/tiny-gemma3/FLAT-vision/  FLAT plus SigLIP + embedder mm_* leaves (text-only skip)
+    orbax/tiny-gemma3/FLAT-f32/     float32 on disk (cast to bf16 on load)
+    kaggle_files/                   what Kaggle serves for google/gemma-3/flax/gemma3-1b-it:
+                                    gemma3-1b-it/ (orbax, FLAT, "demo" preset, the vocabulary of
+                                    assets/tokenizer.model) + tokenizer.model
+    kaggle_cache/                   a kagglehub cache holding it as version 1, so that
+                                    kagglehub.model_download("google/gemma-3/flax/gemma3-1b-it/1")
+                                    with KAGGLEHUB_CACHE=kaggle_cache resolves offline
+    hf/tiny-gemma2/, hf/tiny-gemma3/  Hugging Face layout (config.json + safetensors) of the
+                                    golden weights in tests/golden/*.npz, whose transformers
+                                    logits are known (tiny-gemma3 as a sharded
+                                    Gemma3ForConditionalGeneration with a fake vision tower)
+    hf/demo/                        a HF Gemma3ForCausalLM (bf16, older config.json format)
+                                    with tokenizer.model, for load_engine
+
+config.json files are written literally (hf_map has no config -> config.json direction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import shutil
+import sys
+
+import ml_dtypes
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a plain script
+
+from gemma_app.ckpt import hf as hf_io  # noqa: E402
+from gemma_app.ckpt import kaggle, layouts, orbax_io  # noqa: E402
+from gemma_app.ckpt.hf_map import param_shapes, params_to_hf, unflatten_params  # noqa: E402
+from gemma_app.nn.presets import get_preset  # noqa: E402
+
+TOKENIZER = ROOT / "assets" / "tokenizer.model"
+GOLDEN_DIR = ROOT / "tests" / "golden"
+ORBAX_PRESETS = ("tiny-gemma2", "tiny-gemma3")
+ORBAX_LAYOUTS = (layouts.FLAT, layouts.NESTED, layouts.STACKED, layouts.KAULDRON)
+KAGGLE_HANDLE = "google/gemma-3/flax/gemma3-1b-it"
+KAGGLE_VERSION = 1
+KAGGLE_PRESET = "demo"  # Gemma 3 architecture sized for assets/tokenizer.model (4096 pieces)
+
+L, G = "sliding_attention", "full_attention"
+TINY_GEMMA2_CONFIG = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06,
+    "layer_types": [L, G, L, G], "sliding_window": 4, "query_pre_attn_scalar": 24,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "tie_word_embeddings": True, "dtype": "float32",
+}  # fmt: skip
+TINY_GEMMA3_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "text_config": {
+        "model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-06, "layer_types": [L, L, L, L, L, G], "sliding_window": 4,
+        "query_pre_attn_scalar": 16,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+    },
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+    "tie_word_embeddings": True, "dtype": "float32",
+}  # fmt: skip
+DEMO_CONFIG = {  # the pre-transformers-5 format: rope_theta + rope_local_base_freq + pattern
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 4096,
+    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 6,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+    "query_pre_attn_scalar": 32, "sliding_window": 64, "sliding_window_pattern": 6,
+    "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None,
+    "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06, "torch_dtype": "bfloat16",
+}  # fmt: skip
+HF_CONFIGS = {"tiny-gemma2": TINY_GEMMA2_CONFIG, "tiny-gemma3": TINY_GEMMA3_CONFIG}
+
+
+@dataclasses.dataclass
+class Fixtures:
+    """Where `make_all` wrote what, and the exact arrays it wrote (flat, numpy)."""
+
+    root: pathlib.Path
+    orbax: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)  # "preset/LAYOUT"
+    params: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    hf: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
+    kaggle_files: pathlib.Path | None = None
+    kaggle_cache: pathlib.Path | None = None
+
+
+def random_params(preset: str, seed: int, dtype=ml_dtypes.bfloat16) -> dict[str, np.ndarray]:
+    """Random normal values for every leaf (norm scales too, so zeros prove nothing)."""
+    rng = np.random.default_rng(seed)
+    shapes = param_shapes(get_preset(preset))
+    return {p: (0.5 * rng.standard_normal(s, np.float32)).astype(dtype) for p, s in shapes.items()}
+
+
+def vision_leaves(seed: int) -> dict[str, np.ndarray]:
+    """A few SigLIP and embedder `mm_*` leaves, as Gemma 3 4B+ checkpoints carry them."""
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "vision_encoder/siglip_encoder/embedding/kernel": (2, 2, 3, 8),
+        "vision_encoder/siglip_encoder/embedding/bias": (8,),
+        "vision_encoder/siglip_encoder/Transformer/encoder_norm/scale": (8,),
+        "embedder/mm_input_projection/w": (8, 64),
+        "embedder/mm_soft_embedding_norm/scale": (8,),
+    }
+    return {p: rng.standard_normal(s, np.float32) for p, s in shapes.items()}
+
+
+def write_orbax(fx: Fixtures, preset: str, layout: str, flat: dict, tag: str = "") -> None:
+    path = fx.root / "orbax" / preset / f"{layout}{tag}"
+    pattern_len = layouts.pattern_length(get_preset(preset).attention_types)
+    orbax_io.save(path, flat, layout, pattern_len=pattern_len)
+    fx.orbax[f"{preset}/{layout}{tag}"] = path
+
+
+def write_kaggle(fx: Fixtures) -> None:
+    """The download of google/gemma-3/flax/gemma3-1b-it, and a kagglehub cache holding it."""
+    files = fx.root / "kaggle_files"
+    flat = random_params(KAGGLE_PRESET, seed=3)
+    orbax_io.save(files / KAGGLE_HANDLE.rsplit("/", 1)[-1], flat, layouts.FLAT)
+    shutil.copy(TOKENIZER, files / "tokenizer.model")
+    fx.kaggle_files, fx.params[KAGGLE_PRESET] = files, flat
+    fx.kaggle_cache = fx.root / "kaggle_cache"
+    kaggle.install_into_cache(fx.kaggle_cache, KAGGLE_HANDLE, KAGGLE_VERSION, files)
+
+
+def golden_params(preset: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDEN_DIR / f"{preset}.npz") as data:
+        return {k.removeprefix("params/"): data[k] for k in data.files if k.startswith("params/")}
+
+
+def write_hf(fx: Fixtures) -> None:
+    """HF directories of the golden weights (float32, exact) and of a bf16 demo model."""
+    for preset, config_json in HF_CONFIGS.items():
+        config = get_preset(preset)
+        multimodal = "text_config" in config_json
+        prefix = "language_model.model." if multimodal else "model."
+        state = params_to_hf(unflatten_params(golden_params(preset)), config, prefix=prefix)
+        if multimodal:  # skipped by the text-only loader
+            state["vision_tower.vision_model.post_layernorm.weight"] = np.ones(8, np.float32)
+            state["multi_modal_projector.mm_input_projection_weight"] = np.ones((8, 64), np.float32)
+        hf_io.save(fx.root / "hf" / preset, state, config_json, shards=2 if multimodal else 1)
+        fx.hf[preset] = fx.root / "hf" / preset
+    flat = random_params(KAGGLE_PRESET, seed=4)
+    state = params_to_hf(unflatten_params(flat), get_preset(KAGGLE_PRESET))
+    fx.hf["demo"] = fx.root / "hf" / "demo"
+    hf_io.save(fx.hf["demo"], state, DEMO_CONFIG)
+    shutil.copy(TOKENIZER, fx.hf["demo"] / "tokenizer.model")
+    fx.params["hf-demo"] = flat
+
+
+def make_all(root: pathlib.Path) -> Fixtures:
+    """Writes every fixture under `root` (a fresh directory); takes ~2 s."""
+    fx = Fixtures(root=pathlib.Path(root))
+    for seed, preset in enumerate(ORBAX_PRESETS):
+        flat = fx.params[preset] = random_params(preset, seed)
+        for layout in ORBAX_LAYOUTS:
+            write_orbax(fx, preset, layout, flat)
+    gemma3 = fx.params["tiny-gemma3"]
+    write_orbax(fx, "tiny-gemma3", layouts.FLAT, {**gemma3, **vision_leaves(7)}, "-vision")
+    fx.params["tiny-gemma3-f32"] = random_params("tiny-gemma3", 9, np.float32)
+    write_orbax(fx, "tiny-gemma3", layouts.FLAT, fx.params["tiny-gemma3-f32"], "-f32")
+    write_kaggle(fx)
+    write_hf(fx)
+    return fx
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=pathlib.Path, help="a new (or empty) directory")
+    args = parser.parse_args()
+    if args.out.exists() and any(args.out.iterdir()):
+        sys.exit(f"{args.out} is not empty")
+    fx = make_all(args.out)
+    for name, path in {**fx.orbax, **fx.hf}.items():
+        print(f"{name:28s} {path}")
+    print(f"{'kaggle cache':28s} {fx.kaggle_cache}  (KAGGLEHUB_CACHE; handle {KAGGLE_HANDLE}/1)")
+
+
+if __name__ == "__main__":
+    main()

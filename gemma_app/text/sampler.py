@@ -77,13 +77,36 @@ def _sample(program: _Program, logits, sampling, rng):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(program: _Program, params, cache, tokens, start, logits_at):
-    """Writes one padded chunk of prompt tokens [B, P] at slots start[b] + arange(P)."""
+def _prefill_chunk(program: _Program, params, cache, tokens, start, logits_at, mm=None, seg=None):
+    """Writes one padded chunk of prompt tokens [B, P] at slots start[b] + arange(P).
+
+    `mm` [B, P, D] and `seg` [B, P] carry image soft tokens and their blocks (None: text).
+    """
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
     logits, cache = program.model.apply(
-        {"params": params}, tokens, positions, cache, logits_at=logits_at
-    )
+        {"params": params}, tokens, positions, cache, logits_at=logits_at,
+        mm_embeddings=mm, segments=seg,
+    )  # fmt: skip
     return logits, cache
+
+
+def _chunk_starts(length: int, chunk: int, segments: np.ndarray | None) -> list[int]:
+    """Chunk boundaries every `chunk` tokens, moved back so no image block is split.
+
+    The tokens of one image attend to each other both ways, so they must be written in one
+    call. A block is never longer than a chunk (checked by the caller).
+    """
+    starts, c0 = [], 0
+    while c0 < length:
+        starts.append(c0)
+        end = c0 + chunk
+        if segments is not None and end < length:
+            inside = (segments[:, end] > 0) & (segments[:, end] == segments[:, end - 1])
+            while inside.any() and end > c0 + 1:
+                end -= 1
+                inside = (segments[:, end] > 0) & (segments[:, end] == segments[:, end - 1])
+        c0 = end
+    return starts
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -225,8 +248,15 @@ class Sampler:
         last_state: DecodeState | None = None,
         sampling: sampling_lib.SamplingMethod | None = None,
         rng: int | jax.Array | None = None,
+        segments: Sequence[Sequence[int]] | None = None,
+        mm_embeddings: Sequence[np.ndarray] | None = None,
     ) -> DecodeState:
         """Feeds each row's tokens after its cache contents and samples its first token.
+
+        Args:
+          prompts: token ids per row; image soft-token slots may hold any id (e.g. -2).
+          segments: per row, the image block of each token (0 = text), for vision models.
+          mm_embeddings: per row, [len(prompt), D] soft tokens where `segments > 0`.
 
         Raises:
           CacheFullError: a row's conversation would not leave room for one more token.
@@ -236,7 +266,9 @@ class Sampler:
         if batch == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token")
         vocab = self.model.config.num_embed
-        if any(min(p) < 0 or max(p) >= vocab for p in prompts):
+        soft = [np.asarray(s) > 0 for s in segments] if segments else [False] * batch
+        text = [np.asarray(p)[~m] for p, m in zip(prompts, soft, strict=True)]
+        if any(t.size and (t.min() < 0 or t.max() >= vocab) for t in text):
             raise ValueError(f"Prompt token ids must lie in [0, {vocab})")
         if last_state is None:
             start = np.zeros(batch, np.int32)
@@ -247,17 +279,27 @@ class Sampler:
         lengths = np.array([len(p) for p in prompts], np.int32)
         self._check_room(start, lengths)
         chunk = next((b for b in self.pad_length if b >= lengths.max()), self.pad_length[-1])
-        padded = np.zeros((batch, -(-lengths.max() // chunk) * chunk), np.int32)
+        width = int(lengths.max()) + chunk  # room for a chunk moved back before an image
+        padded = np.zeros((batch, width), np.int32)
+        seg = mm = None
+        if segments is not None:
+            seg = np.zeros((batch, width), np.int32)
+            mm = np.zeros((batch, width, self.model.config.embed_dim), np.float32)
         for b, p in enumerate(prompts):
-            padded[b, : len(p)] = p
+            padded[b, : len(p)] = np.where(np.asarray(p) < 0, 0, p)
+            if seg is not None:
+                seg[b, : len(p)] = segments[b]
+                mm[b, : len(p)] = mm_embeddings[b]
         last = lengths - 1  # index of each row's last prompt token in `padded`
         logits = None
-        for c0 in range(0, padded.shape[1], chunk):
+        for c0 in _chunk_starts(int(lengths.max()), chunk, seg):
+            c1 = c0 + chunk
             logits_at = np.clip(last - c0, 0, chunk - 1).astype(np.int32)
+            extra = () if seg is None else (mm[:, c0:c1], seg[:, c0:c1])
             out, cache = _prefill_chunk(
-                self.program, self.params, cache, padded[:, c0 : c0 + chunk], start + c0, logits_at
+                self.program, self.params, cache, padded[:, c0:c1], start + c0, logits_at, *extra
             )
-            in_chunk = ((last >= c0) & (last < c0 + chunk))[:, None]
+            in_chunk = ((last >= c0) & (last < c1))[:, None]
             logits = out if logits is None else jnp.where(in_chunk, out, logits)
         return _first_token(
             self.program, logits, jnp.asarray(start + lengths), sampling or self.sampling,

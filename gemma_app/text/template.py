@@ -31,6 +31,9 @@ from gemma_app.text.tokenizer import Tokenizer
 
 Answer = Sequence[int] | np.ndarray | str
 
+# Placeholder id of an image soft token: never a tokenizer id; the model embeds the image there.
+SOFT_TOKEN = -2
+
 
 class ChatTemplate:
     """Formats chat turns as token ids for the tokenizer's Gemma version.
@@ -46,7 +49,9 @@ class ChatTemplate:
         self._end = tokenizer.special.end_of_turn
         self._newline = tokenizer.encode("\n")
 
-    def user_turn(self, text: str, *, system: str | None = None) -> list[int]:
+    def user_turn(
+        self, text: str, *, system: str | None = None, images: int = 0, tokens_per_image: int = 0
+    ) -> list[int]:
         """Returns everything fed to the model for one user message.
 
         That is the closed user turn, "\\n", and the open model turn
@@ -56,13 +61,26 @@ class ChatTemplate:
         Args:
             text: the user's message (plain text; special-looking substrings stay text).
             system: optional system prompt, meant for the first turn only; empty means none.
+            images: number of images, placed before the text (Gemma 3 layout: each is
+                `\n\n<start_of_image>` + `tokens_per_image` SOFT_TOKEN slots +
+                `<end_of_image>\n\n`, as Hugging Face's Gemma3Processor expands it).
+            tokens_per_image: soft tokens per image.
         """
         turns = []
         if system and self.native_system:
             turns += self._closed_turn("system", system)
         elif system:
             text = f"{system}\n\n{text}"
-        return turns + self._closed_turn("user", text) + self._open_turn("model")
+        if not images:
+            return turns + self._closed_turn("user", text) + self._open_turn("model")
+        special = self.tokenizer.special
+        if special.start_of_image is None or special.end_of_image is None:
+            raise ValueError("This tokenizer has no image tokens")
+        blank = self.tokenizer.encode("\n\n")
+        image = blank + [special.start_of_image] + [SOFT_TOKEN] * tokens_per_image
+        image += [special.end_of_image] + blank
+        body = self._open_turn("user") + image * images + self.tokenizer.encode(text)
+        return turns + body + [self._end] + self._newline + self._open_turn("model")
 
     def end_of_model_turn(self) -> list[int]:
         """Returns what closes a model answer: the end-of-turn id, then "\\n".

@@ -88,15 +88,8 @@ def vision_engine():
     )
     params = dict(init_params(config, seed=0))
     params["vision_encoder"] = vision.init_params(config.vision, seed=1)
-    rng = np.random.default_rng(2)
-    width = config.vision.width
-    params["embedder"] = {
-        **params["embedder"],
-        "mm_input_projection": {
-            "w": jnp.asarray(rng.normal(0, width**-0.5, (width, config.embed_dim)), jnp.float32)
-        },
-        "mm_soft_embedding_norm": {"scale": jnp.zeros(width)},
-    }
+    mm = vision.init_mm_embedder(config.vision, config.embed_dim, seed=2)
+    params["embedder"] = {**params["embedder"], **mm}
     return Engine(
         name="tiny vision", config=config, params=params, tokenizer=tokenizer, supports_images=True
     )

@@ -309,6 +309,19 @@ def abstract_params(vision_config: VisionConfig, dtype=_f32) -> dict:
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
 
 
+def init_mm_embedder(vision_config: VisionConfig, embed_dim: int, *, seed: int = 0) -> dict:
+    """Random `embedder/mm_input_projection/w` and `embedder/mm_soft_embedding_norm/scale`.
+
+    Returned as the two `embedder` sub-dicts, to merge into a text model's `embedder`.
+    """
+    width = vision_config.width
+    w = jax.random.normal(jax.random.key(seed), (width, embed_dim), _f32) * width**-0.5
+    return {
+        "mm_input_projection": {"w": w},
+        "mm_soft_embedding_norm": {"scale": jnp.zeros((width,), _f32)},
+    }
+
+
 def mm_embedder_shapes(vision_config: VisionConfig, embed_dim: int) -> dict[str, tuple]:
     """The two `embedder/` leaves the projection adds to a vision model (flat paths)."""
     w = vision_config.width

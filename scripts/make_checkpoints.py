@@ -6,7 +6,8 @@ The tests call `make_all(tmp_dir)` once per session (nothing here is committed).
 
     orbax/<preset>/<LAYOUT>/        random bf16 weights of tiny-gemma2 / tiny-gemma3 in the
                                     FLAT (official), NESTED, STACKED and KAULDRON layouts
-    orbax/tiny-gemma3/FLAT-vision/  FLAT plus SigLIP + embedder mm_* leaves (text-only skip)
+    orbax/tiny-gemma3/FLAT-vision/  FLAT plus 5 fake SigLIP + embedder mm_* leaves (text-only
+                                    loading skips them; vision loading lists them all)
     orbax/tiny-gemma3/FLAT-f32/     float32 on disk (cast to bf16 on load)
     kaggle_files/                   what Kaggle serves for google/gemma-3/flax/gemma3-1b-it:
                                     gemma3-1b-it/ (orbax, FLAT, "demo" preset, the vocabulary of
@@ -17,9 +18,24 @@ The tests call `make_all(tmp_dir)` once per session (nothing here is committed).
     hf/tiny-gemma2/, hf/tiny-gemma3/  Hugging Face layout (config.json + safetensors) of the
                                     golden weights in tests/golden/*.npz, whose transformers
                                     logits are known (tiny-gemma3 as a sharded
-                                    Gemma3ForConditionalGeneration with a fake vision tower)
+                                    Gemma3ForConditionalGeneration with a fake two-tensor vision
+                                    tower under a valid `vision_config`)
     hf/demo/                        a HF Gemma3ForCausalLM (bf16, older config.json format)
                                     with tokenizer.model, for load_engine
+
+and the image-encoder fixtures ("demo-vision" = the demo text model + `tiny_vision`, random
+weights; text bf16, vision values exact in bf16 so every layout holds the same numbers):
+
+    orbax/demo-vision/<LAYOUT>/     FLAT (vision under `SigLiPFromPatches_0/...`, all bf16 on
+                                    disk, as the official releases), NESTED, STACKED and
+                                    KAULDRON (vision float32 on disk); tokenizer.model in
+                                    orbax/demo-vision/
+    kaggle_cache/                   also holds the FLAT one as google/gemma-3/flax/gemma3-4b-it/1
+    hf/demo-vision/                 a HF Gemma3ForConditionalGeneration (bf16, vision tower in
+                                    the published safetensors names) with tokenizer.model
+    hf/tiny-gemma3-vision/          the vision golden (tests/golden/tiny-gemma3-vision.npz),
+                                    float32, whose transformers vision tower output and logits
+                                    are known
 
 config.json files are written literally (hf_map has no config -> config.json direction).
 """
@@ -40,7 +56,15 @@ sys.path.insert(0, str(ROOT))  # run as a plain script
 
 from gemma_app.ckpt import hf as hf_io  # noqa: E402
 from gemma_app.ckpt import kaggle, layouts, orbax_io  # noqa: E402
-from gemma_app.ckpt.hf_map import param_shapes, params_to_hf, unflatten_params  # noqa: E402
+from gemma_app.ckpt.hf_map import (  # noqa: E402
+    param_shapes,
+    params_to_hf,
+    unflatten_params,
+    vision_param_shapes,
+    vision_params_to_hf,
+)
+from gemma_app.nn import presets  # noqa: E402
+from gemma_app.nn.config import TransformerConfig  # noqa: E402
 from gemma_app.nn.presets import get_preset  # noqa: E402
 
 TOKENIZER = ROOT / "assets" / "tokenizer.model"
@@ -51,7 +75,23 @@ KAGGLE_HANDLE = "google/gemma-3/flax/gemma3-1b-it"
 KAGGLE_VERSION = 1
 KAGGLE_PRESET = "demo"  # Gemma 3 architecture sized for assets/tokenizer.model (4096 pieces)
 
+# tiny_demo + tiny_vision: an image model for the project's 4096-piece tokenizer.
+VISION_PRESET = "demo-vision"
+VISION_LAYOUTS = (layouts.FLAT, layouts.NESTED, layouts.STACKED, layouts.KAULDRON)
+KAGGLE_VISION_HANDLE = "google/gemma-3/flax/gemma3-4b-it"  # holds "demo-vision" weights here
+
 L, G = "sliding_attention", "full_attention"
+# `tiny_vision()` as a transformers SiglipVisionConfig (every field a Gemma 3 file names).
+TINY_VISION_CONFIG = {
+    "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 112, "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-06, "vision_use_head": False,
+}  # fmt: skip
+# Image-token fields of a Gemma3Config (ids of the golden's vocab-256 tokenizer; ignored by us).
+TINY_MM_FIELDS = {
+    "mm_tokens_per_image": 4, "boi_token_index": 109, "eoi_token_index": 110,
+    "image_token_index": 256,
+}  # fmt: skip
 TINY_GEMMA2_CONFIG = {
     "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256,
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
@@ -75,7 +115,7 @@ TINY_GEMMA3_CONFIG = {
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         },
     },
-    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+    "vision_config": TINY_VISION_CONFIG, **TINY_MM_FIELDS,
     "tie_word_embeddings": True, "dtype": "float32",
 }  # fmt: skip
 DEMO_CONFIG = {  # the pre-transformers-5 format: rope_theta + rope_local_base_freq + pattern
@@ -88,6 +128,25 @@ DEMO_CONFIG = {  # the pre-transformers-5 format: rope_theta + rope_local_base_f
     "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06, "torch_dtype": "bfloat16",
 }  # fmt: skip
 HF_CONFIGS = {"tiny-gemma2": TINY_GEMMA2_CONFIG, "tiny-gemma3": TINY_GEMMA3_CONFIG}
+DEMO_VISION_CONFIG = {  # the published gemma-3-4b-it config.json format, demo-sized
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "text_config": {
+        "model_type": "gemma3_text", "vocab_size": 4096, "hidden_size": 128,
+        "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+        "sliding_window": 64, "sliding_window_pattern": 6, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "rope_scaling": None,
+    },
+    "vision_config": TINY_VISION_CONFIG, "mm_tokens_per_image": 4,
+    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+    "torch_dtype": "bfloat16",
+}  # fmt: skip
+TINY_GEMMA3_VISION_CONFIG = {**TINY_GEMMA3_CONFIG}  # the vision golden: same text, real tower
+
+
+def vision_preset() -> TransformerConfig:
+    """The "demo-vision" architecture: the demo text model with the tiny SigLIP encoder."""
+    return dataclasses.replace(presets.tiny_demo(), vision=presets.tiny_vision())
 
 
 @dataclasses.dataclass
@@ -124,9 +183,63 @@ def vision_leaves(seed: int) -> dict[str, np.ndarray]:
 
 def write_orbax(fx: Fixtures, preset: str, layout: str, flat: dict, tag: str = "") -> None:
     path = fx.root / "orbax" / preset / f"{layout}{tag}"
-    pattern_len = layouts.pattern_length(get_preset(preset).attention_types)
+    config = vision_preset() if preset == VISION_PRESET else get_preset(preset)
+    pattern_len = layouts.pattern_length(config.attention_types)
     orbax_io.save(path, flat, layout, pattern_len=pattern_len)
     fx.orbax[f"{preset}/{layout}{tag}"] = path
+
+
+def random_vision_params(config: TransformerConfig, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 values for every vision leaf (encoder + embedder `mm_*`), each exactly
+    representable in bfloat16 so that bf16 and fp32 files hold the same numbers. Scaled by
+    fan-in so the encoder's activations stay O(1)."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in vision_param_shapes(config).items():
+        scale = 0.5 if len(shape) == 1 else float(np.prod(shape[:-1])) ** -0.5
+        if path.endswith("pos_embedding"):
+            scale = 0.5
+        value = scale * rng.standard_normal(shape, np.float32)
+        flat[path] = value.astype(ml_dtypes.bfloat16).astype(np.float32)
+    return flat
+
+
+def write_vision(fx: Fixtures) -> None:
+    """The "demo-vision" model in the orbax layouts, as a Kaggle download and as HF files."""
+    config = vision_preset()
+    text = random_params("demo", seed=5)
+    image = random_vision_params(config, seed=6)
+    fx.params[VISION_PRESET] = {**text, **image}
+    bf16 = {p: v.astype(ml_dtypes.bfloat16) for p, v in image.items()}
+    for layout in VISION_LAYOUTS:  # FLAT as released (all bf16); the others keep f32 vision
+        encoder = bf16 if layout == layouts.FLAT else image
+        write_orbax(fx, VISION_PRESET, layout, {**text, **encoder})
+    shutil.copy(TOKENIZER, fx.root / "orbax" / VISION_PRESET / "tokenizer.model")
+
+    files = fx.root / "kaggle_vision_files"
+    shutil.copytree(fx.orbax[f"{VISION_PRESET}/FLAT"], files / "gemma3-4b-it")
+    shutil.copy(TOKENIZER, files / "tokenizer.model")
+    fx.kaggle_cache = fx.kaggle_cache or fx.root / "kaggle_cache"
+    kaggle.install_into_cache(fx.kaggle_cache, KAGGLE_VISION_HANDLE, KAGGLE_VERSION, files)
+
+    state = params_to_hf(unflatten_params(text), config, prefix="language_model.model.")
+    state |= vision_params_to_hf(unflatten_params(bf16), config)
+    fx.hf[VISION_PRESET] = fx.root / "hf" / VISION_PRESET
+    hf_io.save(fx.hf[VISION_PRESET], state, DEMO_VISION_CONFIG, shards=2)
+    shutil.copy(TOKENIZER, fx.hf[VISION_PRESET] / "tokenizer.model")
+
+
+def write_hf_vision_golden(fx: Fixtures) -> None:
+    """The vision golden's float32 weights as a HF Gemma3ForConditionalGeneration directory."""
+    config = presets.tiny_gemma3_vision()
+    flat = {p: v.astype(np.float32) for p, v in golden_params("tiny-gemma3-vision").items()}
+    image = set(vision_param_shapes(config))
+    text = unflatten_params({p: v for p, v in flat.items() if p not in image})
+    state = params_to_hf(text, config, prefix="language_model.model.")
+    state |= vision_params_to_hf(unflatten_params(flat), config)
+    fx.hf["tiny-gemma3-vision"] = fx.root / "hf" / "tiny-gemma3-vision"
+    hf_io.save(fx.hf["tiny-gemma3-vision"], state, TINY_GEMMA3_VISION_CONFIG)
+    fx.params["tiny-gemma3-vision"] = flat
 
 
 def write_kaggle(fx: Fixtures) -> None:
@@ -165,8 +278,16 @@ def write_hf(fx: Fixtures) -> None:
     fx.params["hf-demo"] = flat
 
 
+def make_vision(root: pathlib.Path) -> Fixtures:
+    """Writes only the image-encoder fixtures under `root` (tests/test_ckpt_vision.py); ~1 s."""
+    fx = Fixtures(root=pathlib.Path(root))
+    write_vision(fx)
+    write_hf_vision_golden(fx)
+    return fx
+
+
 def make_all(root: pathlib.Path) -> Fixtures:
-    """Writes every fixture under `root` (a fresh directory); takes ~2 s."""
+    """Writes every fixture under `root` (a fresh directory); takes ~3 s."""
     fx = Fixtures(root=pathlib.Path(root))
     for seed, preset in enumerate(ORBAX_PRESETS):
         flat = fx.params[preset] = random_params(preset, seed)
@@ -178,6 +299,8 @@ def make_all(root: pathlib.Path) -> Fixtures:
     write_orbax(fx, "tiny-gemma3", layouts.FLAT, fx.params["tiny-gemma3-f32"], "-f32")
     write_kaggle(fx)
     write_hf(fx)
+    write_vision(fx)
+    write_hf_vision_golden(fx)
     return fx
 
 
@@ -190,7 +313,8 @@ def main() -> None:
     fx = make_all(args.out)
     for name, path in {**fx.orbax, **fx.hf}.items():
         print(f"{name:28s} {path}")
-    print(f"{'kaggle cache':28s} {fx.kaggle_cache}  (KAGGLEHUB_CACHE; handle {KAGGLE_HANDLE}/1)")
+    handles = f"{KAGGLE_HANDLE}/1, {KAGGLE_VISION_HANDLE}/1"
+    print(f"{'kaggle cache':28s} {fx.kaggle_cache}  (KAGGLEHUB_CACHE; handles {handles})")
 
 
 if __name__ == "__main__":

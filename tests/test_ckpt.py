@@ -39,6 +39,7 @@ from gemma_app.ckpt import (
     ModelNotFoundError,
     NoCredentialsError,
     UnsupportedModelError,
+    hf_map,
     kaggle,
     layouts,
     load_engine,
@@ -142,12 +143,35 @@ def test_text_only_skips_vision_weights(fx):
     ]
     params = load_params(path, config, dtype="bfloat16")
     assert_params_equal(params, fx.params["tiny-gemma3"], ml_dtypes.bfloat16)
-    with pytest.raises(UnsupportedModelError, match="vision/audio encoder weights.*text_only=True"):
-        load_params(path, config, text_only=False)
-    with pytest.raises(UnsupportedModelError, match="2 vision tensors.*text_only=True"):
-        load_params(fx.hf["tiny-gemma3"], config, text_only=False)
+    # A config without an image encoder has nothing to fill: text_only=False changes nothing.
+    params = load_params(path, config, text_only=False)
+    assert_params_equal(params, fx.params["tiny-gemma3"], ml_dtypes.bfloat16)
     # Text-only loading fills (and the engine runs) the config without its image encoder.
     assert getattr(validate.text_config(presets.gemma3_4b()), "vision", None) is None
+
+
+def test_partial_vision_weights_are_listed_when_loading_vision(fx):
+    """The 5 fake SigLIP leaves against the whole tiny encoder: every vision problem at once."""
+    path, config = fx.orbax["tiny-gemma3/FLAT-vision"], presets.tiny_gemma3_vision()
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_params(path, config, text_only=False)
+    error, expected = info.value, len(hf_map.vision_param_shapes(config))
+    wrong = [p for p in error.problems if "checkpoint has" in p]
+    assert len(wrong) == 5 and len(error.problems) == expected  # 5 wrong, the rest missing
+    assert (
+        "vision_encoder/siglip_encoder/embedding/kernel: checkpoint has (2, 2, 3, 8), model "
+        "expects (14, 14, 3, 32)" in str(error)
+    )
+    assert "image encoder only" in str(error) and error.looks_like is None
+    # Hugging Face: the fake two-tensor tower of the text golden's directory.
+    config = hf_io.read_config(fx.hf["tiny-gemma3"])
+    assert config.vision == presets.tiny_vision()
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_params(fx.hf["tiny-gemma3"], config, text_only=False)
+    assert len(info.value.problems) == len(hf_map.hf_vision_param_shapes(config))
+    assert "vision_tower.vision_model.post_layernorm.weight: shape (8,), expected (32,)" in str(
+        info.value
+    )
 
 
 # --- Kaggle: offline cache, real kagglehub --------------------------------------------------
@@ -497,7 +521,7 @@ def test_corrupt_files(fx, tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])
 def test_hf_checkpoint_reproduces_transformers_logits(fx, preset):
-    config = hf_io.read_config(fx.hf[preset])
+    config = validate.text_config(hf_io.read_config(fx.hf[preset]))
     assert config == dataclasses.replace(presets.get_preset(preset), name=config.name)
     params = load_params(fx.hf[preset], config, dtype="float32")
     with np.load(GOLDEN_DIR / f"{preset}.npz") as golden:

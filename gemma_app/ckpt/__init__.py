@@ -1,7 +1,8 @@
 """Checkpoint I/O: Kaggle (kagglehub + orbax), local orbax directories, Hugging Face safetensors.
 
 Public API:
-    load_engine(model, *, tokenizer=None, dtype=None, progress=None) -> Engine
+    load_engine(model, *, tokenizer=None, dtype=None, text_only=False, progress=None) -> Engine
+        (loads the Gemma 3 image encoder when the model has one, unless text_only=True)
     load_params(path, config, *, dtype="bfloat16", text_only=True, progress=None) -> params
     VARIANTS / Variant / resolve_kaggle: the registry of released checkpoints
     WeightsError and its subclasses: user-facing errors (show `str(error)`)

@@ -47,7 +47,7 @@ class CorruptCheckpointError(WeightsError):
 
 
 class UnsupportedModelError(WeightsError):
-    """A real Gemma checkpoint this engine cannot run yet (Gemma 4, int4, vision weights)."""
+    """A real Gemma checkpoint this engine cannot run yet (Gemma 4, int4, an unknown encoder)."""
 
 
 class CheckpointMismatchError(WeightsError, ValueError):

@@ -3,7 +3,9 @@
 The architecture comes from `config.json` (`hf_map.config_from_hf`); tensors are read one
 at a time (each `safe_open` is closed again, so no file stays memory-mapped), converted to
 our layout by `hf_map.hf_tensors_to_params`, cast and moved to the device before the next
-one is read. Sharded checkpoints (`model.safetensors.index.json`) are supported.
+one is read. Sharded checkpoints (`model.safetensors.index.json`) are supported. With
+`text_only=False` a `Gemma3ForConditionalGeneration` checkpoint also gives its SigLIP tower and
+projector (`hf_map.hf_vision_tensors_to_params`), converted to float32.
 
 A repo id (`google/gemma-3-1b-it`) is fetched with `huggingface_hub.snapshot_download`
 (token from `HF_TOKEN` or `huggingface-cli login`; gated repos need the licence accepted on
@@ -22,7 +24,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from gemma_app.ckpt import errors, hf_map
+from gemma_app.ckpt import errors, hf_map, layouts, validate
 from gemma_app.ckpt.errors import brief
 from gemma_app.ckpt.progress import ProgressFn, format_bytes
 from gemma_app.nn.config import TransformerConfig
@@ -109,6 +111,11 @@ def _reader(index: Mapping[str, tuple[pathlib.Path, tuple[int, ...]]]):
     return read
 
 
+def has_vision(index: Mapping[str, Any]) -> bool:
+    """True if the checkpoint (its `tensor_index`) holds vision-tower or projector tensors."""
+    return hf_map.has_hf_vision(index)
+
+
 def load_params(
     model_dir: pathlib.Path,
     config: TransformerConfig,
@@ -117,39 +124,48 @@ def load_params(
     progress: ProgressFn,
     label: str = "",
     text_only: bool = True,
+    index: Mapping[str, tuple[pathlib.Path, tuple[int, ...]]] | None = None,
 ) -> dict[str, Any]:
-    """Reads a HF safetensors checkpoint into our tree of device arrays of `dtype`.
+    """Reads a HF safetensors checkpoint into our tree of device arrays.
 
-    The vision tower and projector are skipped (`hf_map` does not map them for the text
-    decoder); with text_only=False their presence is an error until vision loading exists.
+    Text weights become `dtype`. With text_only=False and `config.vision` set, the vision
+    tower and projector are loaded too, as float32 (`vision_encoder/...`,
+    `embedder/mm_*`); otherwise they are skipped unread.
+
+    Args:
+      index: the checkpoint's `tensor_index`, when the caller has it already.
 
     Raises:
-      CheckpointMismatchError: names/shapes do not fit `config` (all listed, nothing read).
+      CheckpointMismatchError: names/shapes do not fit `config`: text and vision problems
+        listed together, before any tensor is read.
       CorruptCheckpointError / MissingFilesError: unreadable or missing shards.
-      UnsupportedModelError: vision weights with text_only=False.
     """
-    index = tensor_index(model_dir)
-    vision = [name for name in index if "vision_tower." in name or "multi_modal_projector." in name]
-    if vision and not text_only:
-        raise errors.UnsupportedModelError(
-            f"{model_dir} holds {len(vision)} vision tensors ({vision[0]}, ...); loading them "
-            "is not supported yet: load with text_only=True."
-        )
+    index = tensor_index(model_dir) if index is None else index
+    shapes = {name: shape for name, (_, shape) in index.items()}
+    read = _reader(index)
+    load_vision = validate.loads_vision(config, text_only)
+    hf_map.check_hf_tensors(shapes, read, config, vision=load_vision)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sizes = hf_map.param_shapes(config).values()
     total = sum(int(np.prod(shape)) for shape in sizes) * np.dtype(dtype).itemsize
+    total += validate.vision_bytes(config) if load_vision else 0
     done = 0
     progress(f"Loading {label} weights ({format_bytes(total)})", 0.0)
 
     def convert(path: str, leaf: np.ndarray) -> jax.Array:
         nonlocal done
-        array = jax.device_put(leaf.astype(dtype, copy=False), sharding)
+        target = validate.VISION_DTYPE if layouts.is_vision_path(path) else dtype
+        array = jax.device_put(leaf.astype(target, copy=False), sharding)
         done += array.nbytes
         progress(f"Loading {label} weights: {format_bytes(done)}", done / total)
         return array
 
-    shapes = {name: shape for name, (_, shape) in index.items()}
-    return hf_map.hf_tensors_to_params(shapes, _reader(index), config, convert=convert)
+    params = hf_map.hf_tensors_to_params(shapes, read, config, convert=convert)
+    if load_vision:
+        tower = hf_map.hf_vision_tensors_to_params(shapes, read, config, convert=convert)
+        params["vision_encoder"] = tower["vision_encoder"]
+        params["embedder"].update(tower["embedder"])
+    return params
 
 
 def snapshot(repo_id: str, progress: ProgressFn) -> pathlib.Path:

@@ -31,7 +31,9 @@ form, so norms are copied unchanged. HF never stores `lm_head.weight` for Gemma 
 
 State-dict prefixes accepted: `model.` (`Gemma*ForCausalLM`), `model.language_model.`
 (`Gemma3ForConditionalGeneration` in memory) and `language_model.model.` (its original
-safetensors layout). Vision-tower and projector weights are skipped: this map is text-only.
+safetensors layout). Vision-tower and projector weights are skipped here; their own map is the
+last section of this module (`hf_vision_tensors_to_params`), and `check_hf_tensors` checks both
+at once before anything is read.
 
 Arrays keep their dtype (bf16 from `ml_dtypes` works); nothing here imports torch or jax.
 Every problem (missing, unexpected, wrongly shaped key) is collected and raised once as a
@@ -246,10 +248,28 @@ def hf_tensors_to_params(
     Raises:
       CheckpointMismatchError: listing every missing, unexpected or wrongly shaped tensor.
     """
+    prefix, problems = _text_problems(shapes, read, config)
+    if prefix is None:
+        raise CheckpointMismatchError("Not a Gemma text checkpoint", problems)
+    if problems:
+        raise CheckpointMismatchError(f"HF state dict does not match {config.name}", problems)
+
+    convert = convert or (lambda path, leaf: leaf)
+    flat = {}
+    for rule in _rules(config):
+        arrays = [rule.to_ours(np.asarray(read(f"{prefix}{name}"))) for name in rule.hf]
+        flat[rule.ours] = convert(rule.ours, arrays[0] if len(arrays) == 1 else np.stack(arrays))
+    return unflatten_params(flat)
+
+
+def _text_problems(
+    shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], np.ndarray], config
+) -> tuple[str | None, list[str]]:
+    """(state-dict prefix, every problem of the text tensors); reads only a tied lm_head."""
     prefix = _text_prefix(shapes)
     if prefix is None:
         tried = ", ".join(f"{p}embed_tokens.weight" for p in _TEXT_PREFIXES)
-        raise CheckpointMismatchError("Not a Gemma text checkpoint", [f"none of {tried} found"])
+        return None, [f"none of {tried} found"]
     problems: list[str] = []
     text, lm_head = {}, None
     for name, shape in shapes.items():
@@ -275,15 +295,7 @@ def hf_tensors_to_params(
     embedding = f"{prefix}embed_tokens.weight"
     if lm_head and embedding_ok and not np.array_equal(read(lm_head), read(embedding)):
         problems.append("lm_head.weight differs from embed_tokens: our model ties them")
-    if problems:
-        raise CheckpointMismatchError(f"HF state dict does not match {config.name}", problems)
-
-    convert = convert or (lambda path, leaf: leaf)
-    flat = {}
-    for rule in _rules(config):
-        arrays = [rule.to_ours(np.asarray(read(f"{prefix}{name}"))) for name in rule.hf]
-        flat[rule.ours] = convert(rule.ours, arrays[0] if len(arrays) == 1 else np.stack(arrays))
-    return unflatten_params(flat)
+    return prefix, problems
 
 
 def params_to_hf(
@@ -632,9 +644,15 @@ def hf_vision_param_shapes(
 
 
 def _vision_layout(names: Iterable[str]) -> str | None:
+    """The `VISION_LAYOUTS` key of a state dict: the one holding the patch embedding, else
+    the first whose roots start any name (a partial tower is then listed, not "not found")."""
     names = set(names)
     probe = _SIGLIP + "embeddings.patch_embedding.weight"
-    return next((lay for lay in VISION_LAYOUTS if _in_layout(probe, lay) in names), None)
+    found = next((lay for lay in VISION_LAYOUTS if _in_layout(probe, lay) in names), None)
+    return found or next(
+        (lay for lay, roots in VISION_LAYOUTS.items() if any(n.startswith(roots) for n in names)),
+        None,
+    )
 
 
 def hf_vision_to_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dict[str, Any]:
@@ -663,16 +681,31 @@ def hf_vision_tensors_to_params(
     convert: Callable[[str, np.ndarray], Any] | None = None,
 ) -> dict[str, Any]:
     """`hf_vision_to_params` over tensors read one at a time (see `hf_tensors_to_params`)."""
-    rules = _vision_rules(config)
+    layout, problems = _vision_problems(shapes, config)
+    if layout is None:
+        raise CheckpointMismatchError("No Gemma 3 vision tower found", problems)
+    if problems:
+        raise CheckpointMismatchError(f"HF vision tower does not match {config.name}", problems)
+    convert = convert or (lambda path, leaf: leaf)
+    flat = {}
+    for r in _vision_rules(config):
+        flat[r.ours] = convert(r.ours, r.to_ours(np.asarray(read(_in_layout(r.hf[0], layout)))))
+    return unflatten_params(flat)
+
+
+def _vision_problems(
+    shapes: Mapping[str, tuple[int, ...]], config: TransformerConfig
+) -> tuple[str | None, list[str]]:
+    """(key of `VISION_LAYOUTS`, every problem of the vision tensors); reads nothing."""
     layout = _vision_layout(shapes)
     if layout is None:
         probe = _SIGLIP + "embeddings.patch_embedding.weight"
         tried = ", ".join(_in_layout(probe, lay) for lay in VISION_LAYOUTS)
-        raise CheckpointMismatchError("No Gemma 3 vision tower found", [f"none of {tried}"])
+        return None, [f"none of {tried}"]
     roots = VISION_LAYOUTS[layout]
     ours = {n: tuple(s) for n, s in shapes.items() if n.startswith(roots)}
     problems: list[str] = []
-    for rule in rules:
+    for rule in _vision_rules(config):
         name = _in_layout(rule.hf[0], layout)
         if name not in ours:
             problems.append(f"missing {name} (expected {rule.hf_shape})")
@@ -680,13 +713,32 @@ def hf_vision_tensors_to_params(
             problems.append(f"{name}: shape {shape}, expected {rule.hf_shape}")
     # e.g. SigLIP's attention-pooling `head.*`, which Gemma 3 does not have.
     problems += [f"unexpected {n} {s}" for n, s in ours.items()]
+    return layout, problems
+
+
+def has_hf_vision(names: Iterable[str]) -> bool:
+    """True if a HF state dict holds any vision-tower or projector tensor (any layout)."""
+    return any(name.startswith(_SKIPPED_PREFIXES) for name in names)
+
+
+def check_hf_tensors(
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], np.ndarray],
+    config: TransformerConfig,
+    *,
+    vision: bool = False,
+) -> None:
+    """Checks a whole HF checkpoint (text, and the vision tower when `vision`) before loading.
+
+    Raises:
+      CheckpointMismatchError: every problem of the text and vision tensors, in one list.
+    """
+    _, problems = _text_problems(shapes, read, config)
+    if vision:
+        _, vision_problems = _vision_problems(shapes, config)
+        problems += vision_problems
     if problems:
-        raise CheckpointMismatchError(f"HF vision tower does not match {config.name}", problems)
-    convert = convert or (lambda path, leaf: leaf)
-    flat = {}
-    for r in rules:
-        flat[r.ours] = convert(r.ours, r.to_ours(np.asarray(read(_in_layout(r.hf[0], layout)))))
-    return unflatten_params(flat)
+        raise CheckpointMismatchError(f"HF checkpoint does not match {config.name}", problems)
 
 
 def vision_params_to_hf(

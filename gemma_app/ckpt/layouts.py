@@ -33,9 +33,13 @@ from gemma_app.nn.config import AttentionType
 FLAT, NESTED, STACKED, KAULDRON = "FLAT", "NESTED", "STACKED", "KAULDRON"
 KAULDRON_KEYS = frozenset({"collections", "opt_state", "params", "step"})
 
-# Text-only loading skips these (spec §2.2). Kept in this one place so that vision loading
-# (a later issue) only has to stop skipping `vision_encoder` and the embedder `mm_*` keys.
+# Text-only loading skips these (spec §2.2); vision loading keeps the Gemma 3 image encoder
+# (`VISION_ROOT` and `VISION_EMBEDDER_KEYS`) and still skips the rest. `is_skipped` is the one
+# rule every loader applies.
 ENCODER_ROOTS = ("vision_encoder", "audio_encoder")
+VISION_ROOT = "vision_encoder"
+# The embedder leaves of the Gemma 3 image path (spec §2.1); restored in float32.
+VISION_EMBEDDER_KEYS = frozenset({"mm_input_projection", "mm_soft_embedding_norm"})
 EMBEDDER_ENCODER_KEYS = frozenset(
     {
         "mm_input_projection",
@@ -61,6 +65,24 @@ def is_encoder_path(path: str) -> bool:
     return root in ENCODER_ROOTS or (
         root == "embedder" and rest.split("/")[0] in EMBEDDER_ENCODER_KEYS
     )
+
+
+def is_vision_path(path: str) -> bool:
+    """True for the Gemma 3 image encoder and its two embedder leaves (canonical path)."""
+    root, _, rest = path.partition("/")
+    return root == VISION_ROOT or (
+        root == "embedder" and rest.split("/")[0] in VISION_EMBEDDER_KEYS
+    )
+
+
+def is_skipped(path: str, *, load_vision: bool = False) -> bool:
+    """The skip rule of every loader: encoder weights, except the image encoder's when loaded.
+
+    Text-only loading (`load_vision=False`) skips every `is_encoder_path`; vision loading keeps
+    `is_vision_path` leaves and still skips audio and the Gemma 3n/4 embedder extras
+    (`mm_pre_projection_norm`, `mm_input_embedding_extra`, `audio_*`).
+    """
+    return is_encoder_path(path) and not (load_vision and is_vision_path(path))
 
 
 @dataclasses.dataclass(frozen=True)

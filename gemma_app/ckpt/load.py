@@ -8,13 +8,23 @@ Hugging Face repo id (`google/gemma-3-1b-it`, or explicitly `hf:google/gemma-3-1
 Files are checked (checkpoint metadata, tokenizer) before any weight is read, so wrong
 inputs fail in seconds with a message that says what to do (`errors.WeightsError`).
 
+Images: `load_engine` also loads the SigLIP image encoder of the models that have one
+(Gemma 3 4B/12B/27B, `Gemma3ForConditionalGeneration` directories) and sets
+`Engine.supports_images`; `text_only=True` skips it (about 0.4 B parameters, ~1.7 GB as the
+float32 it runs in). The encoder and the embedder's `mm_*` projection + norm are stored in
+float32 whatever `dtype` the text weights get. `load_params` stays text-only unless asked.
+
 Usage:
-    engine = load_engine("gemma3-1b-it@1", progress=lambda msg, f: print(f"{f:4.0%} {msg}"))
+    engine = load_engine("gemma3-4b-it@1", progress=lambda msg, f: print(f"{f:4.0%} {msg}"))
+    engine = load_engine("gemma3-4b-it@1", text_only=True)       # no image input, less memory
     params = load_params("/ckpts/gemma3-1b-it", presets.gemma3_1b(), dtype="float32")
+    params = load_params("/ckpts/gemma3-4b-it", presets.gemma3_4b(), text_only=False)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import pathlib
 import re
 from collections.abc import Callable
@@ -47,6 +57,7 @@ DTYPES = {
     "f32": jnp.float32,
 }
 DEFAULT_DTYPE = "bfloat16"  # storage dtype of the weights: half the memory of float32
+logger = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.model"
 _HF_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -69,6 +80,14 @@ def param_bytes(config: TransformerConfig, dtype: Any) -> int:
     return count * np.dtype(dtype).itemsize
 
 
+def vision_bytes(config: TransformerConfig, dtype: Any = np.float32) -> int:
+    """Bytes of the image encoder + projection of `config` as `dtype` (0 if it has none).
+
+    Gemma 3 4B/12B/27B: 0.42 B parameters, 1.7 GB in float32 (the dtype they are loaded in).
+    """
+    return validate.vision_bytes(config, dtype)
+
+
 # --- parameters -------------------------------------------------------------------------
 
 
@@ -87,12 +106,17 @@ def load_params(
         a directory holding exactly one (a Kaggle download), or a Hugging Face model
         directory (config.json + safetensors).
       config: the architecture; every leaf is checked against `abstract_params(config)`.
-      dtype: storage dtype of the result ("bfloat16" or "float32"); cast leaf by leaf.
-      text_only: skip vision/audio encoder weights (the only mode supported so far).
+      dtype: storage dtype of the text weights ("bfloat16" or "float32"); cast leaf by leaf.
+      text_only: skip the vision/audio encoder weights (the default). False loads the image
+        encoder of `config.vision` (Gemma 3 4B+): `vision_encoder/...` and
+        `embedder/mm_input_projection/w`, `embedder/mm_soft_embedding_norm/scale`, all float32
+        and all checked against `vision.abstract_params` + `vision.mm_embedder_shapes`; a
+        checkpoint without them is then a mismatch. No effect when `config.vision` is None.
       progress: optional `(message, fraction)` callback.
 
     Returns:
-      The official nested tree, e.g. `params["layer_0"]["attn"]["q_einsum"]["w"]`.
+      The official nested tree, e.g. `params["layer_0"]["attn"]["q_einsum"]["w"]`, plus
+      `params["vision_encoder"]` when the image encoder was loaded.
 
     Raises:
       WeightsError: CheckpointMismatchError (every mismatch listed), MissingFilesError,
@@ -116,7 +140,7 @@ def load_params(
         else:
             ckpt = orbax_io.find_checkpoint_dir(path)
             flat = _restore_orbax(ckpt, config, dtype, report, text_only=text_only)
-    validate.check_restored(flat, config, dtype)
+    validate.check_restored(flat, config, dtype, text_only=text_only)
     return unflatten_params(flat)
 
 
@@ -139,7 +163,25 @@ def _restore_orbax(
     layout, found = sources or _read_sources(ckpt)
     what = f"{layout} checkpoint {ckpt}"
     plan = validate.match_sources(found, config, dtype, text_only=text_only, what=what)
-    return orbax_io.restore(ckpt, plan, dtype, progress, label=config.name)
+    vision_dtypes = {p: validate.VISION_DTYPE for p, _ in plan if layouts.is_vision_path(p)}
+    return orbax_io.restore(ckpt, plan, dtype, progress, label=config.name, dtypes=vision_dtypes)
+
+
+def _with_or_without_vision(
+    config: TransformerConfig, has_vision: bool, text_only: bool, what: str
+) -> TransformerConfig:
+    """What `load_engine` fills: `config` with its image encoder, unless text_only or the
+    checkpoint holds no image-encoder weights at all (then text-only, with a warning)."""
+    if text_only or config.vision is None:
+        return validate.text_config(config)
+    if not has_vision:
+        logger.warning(
+            "%s holds no image-encoder weights: loading %s text-only (no image input).",
+            what,
+            config.name,
+        )
+        return validate.text_config(config)
+    return config
 
 
 # --- engines ----------------------------------------------------------------------------
@@ -150,6 +192,7 @@ def load_engine(
     *,
     tokenizer: str | pathlib.Path | None = None,
     dtype: str | None = None,
+    text_only: bool = False,
     progress: Callable[[str, float], None] | None = None,
 ) -> Engine:
     """Builds an `Engine` from real weights (see the module docstring for `model`).
@@ -157,9 +200,12 @@ def load_engine(
     Args:
       model: variant name, Kaggle handle, local directory or Hugging Face repo id.
       tokenizer: a `tokenizer.model` to use instead of the one next to the weights.
-      dtype: storage dtype of the weights, "bfloat16" (default) or "float32". Compute runs
-        in `default_compute_dtype()` (fp32 on CPU, bf16 on accelerators), or fp32 when
-        float32 weights are asked for.
+      dtype: storage dtype of the text weights, "bfloat16" (default) or "float32". Compute
+        runs in `default_compute_dtype()` (fp32 on CPU, bf16 on accelerators), or fp32 when
+        float32 weights are asked for. The image encoder is always float32.
+      text_only: skip the image encoder. By default it is loaded when the model has one
+        (Gemma 3 4B/12B/27B; a local checkpoint's is recognised from its shapes) and the
+        checkpoint holds it; `Engine.supports_images` says whether it was.
       progress: `(message, fraction)` callback for download + load (tqdm in a terminal).
 
     Raises:
@@ -170,13 +216,13 @@ def load_engine(
     with Progress(progress) as report:
         local = pathlib.Path(model).expanduser()
         if local.exists():
-            return _local_engine(local, tok, param_dtype, report)
+            return _local_engine(local, tok, param_dtype, report, text_only)
         if model.startswith("hf:"):
-            return _hub_engine(model.removeprefix("hf:"), tok, param_dtype, report)
+            return _hub_engine(model.removeprefix("hf:"), tok, param_dtype, report, text_only)
         if (ref := registry.resolve_kaggle(model)) is not None:
-            return _kaggle_engine(ref, tok, param_dtype, report)
+            return _kaggle_engine(ref, tok, param_dtype, report, text_only)
         if _HF_REPO.match(model):
-            return _hub_engine(model, tok, param_dtype, report)
+            return _hub_engine(model, tok, param_dtype, report, text_only)
         raise _unknown_model(model)
 
 
@@ -192,7 +238,11 @@ def _unknown_model(model: str) -> ModelNotFoundError:
 
 
 def _kaggle_engine(
-    ref: registry.KaggleRef, tokenizer: pathlib.Path | None, dtype: np.dtype, report: Progress
+    ref: registry.KaggleRef,
+    tokenizer: pathlib.Path | None,
+    dtype: np.dtype,
+    report: Progress,
+    text_only: bool,
 ) -> Engine:
     variant = ref.variant
     if variant is not None and not variant.supported:
@@ -203,27 +253,34 @@ def _kaggle_engine(
             f"{variant.name} (Gemma {variant.family}) is not supported by this engine yet; "
             f"nothing was downloaded. Supported chat models: {supported}."
         )
-    config = validate.text_config(presets.get_preset(variant.preset)) if variant else None
-    expected = param_bytes(config, jnp.bfloat16) if config else None
+    config = presets.get_preset(variant.preset) if variant else None
+    # The download holds the image encoder whether it is loaded or not (~2 bytes/parameter).
+    expected = (
+        param_bytes(config, jnp.bfloat16) + vision_bytes(config, jnp.bfloat16) if config else None
+    )
     root = kaggle.download(ref, report.span(0.0, 0.5), expected_bytes=expected)
     ckpt = orbax_io.find_checkpoint_dir(root, variant.checkpoint_dir if variant else "")
     name = variant.name if variant else ref.handle.rsplit("/", 1)[-1]
     tokenizer = tokenizer or root / (variant.tokenizer_file if variant else TOKENIZER_FILE)
-    return _orbax_engine(ckpt, config, tokenizer, name, dtype, report.span(0.5, 1.0))
+    return _orbax_engine(ckpt, config, tokenizer, name, dtype, report.span(0.5, 1.0), text_only)
 
 
 def _local_engine(
-    path: pathlib.Path, tokenizer: pathlib.Path | None, dtype: np.dtype, report: Progress
+    path: pathlib.Path,
+    tokenizer: pathlib.Path | None,
+    dtype: np.dtype,
+    report: Progress,
+    text_only: bool,
 ) -> Engine:
     if hf.is_hf_dir(path):
-        return _hf_engine(path, path.name, tokenizer, dtype, report)
+        return _hf_engine(path, path.name, tokenizer, dtype, report, text_only)
     if not path.is_dir():
         raise MissingFilesError(
             f"{path} is a file: pass the checkpoint directory (orbax, or config.json + safetensors)."
         )
     ckpt = orbax_io.find_checkpoint_dir(path)
     tokenizer = tokenizer or _find_tokenizer(path, ckpt)
-    return _orbax_engine(ckpt, None, tokenizer, path.name, dtype, report.span(0.0, 1.0))
+    return _orbax_engine(ckpt, None, tokenizer, path.name, dtype, report.span(0.0, 1.0), text_only)
 
 
 def _find_tokenizer(path: pathlib.Path, ckpt: pathlib.Path) -> pathlib.Path:
@@ -239,10 +296,14 @@ def _find_tokenizer(path: pathlib.Path, ckpt: pathlib.Path) -> pathlib.Path:
 
 
 def _hub_engine(
-    repo_id: str, tokenizer: pathlib.Path | None, dtype: np.dtype, report: Progress
+    repo_id: str,
+    tokenizer: pathlib.Path | None,
+    dtype: np.dtype,
+    report: Progress,
+    text_only: bool,
 ) -> Engine:
     model_dir = hf.snapshot(repo_id, report.span(0.0, 0.5))
-    return _hf_engine(model_dir, repo_id, tokenizer, dtype, report, start=0.5)
+    return _hf_engine(model_dir, repo_id, tokenizer, dtype, report, text_only, start=0.5)
 
 
 def _hf_engine(
@@ -251,14 +312,19 @@ def _hf_engine(
     tokenizer: pathlib.Path | None,
     dtype: np.dtype,
     report: Progress,
+    text_only: bool,
     *,
     start: float = 0.0,
 ) -> Engine:
-    config = validate.text_config(hf.read_config(model_dir))
+    config = hf.read_config(model_dir)
     tok = _load_tokenizer(tokenizer or model_dir / TOKENIZER_FILE, config)
+    index = hf.tensor_index(model_dir)
+    config = _with_or_without_vision(config, hf.has_vision(index), text_only, str(model_dir))
     progress = report.span(start, 1.0)
-    params = hf.load_params(model_dir, config, dtype=dtype, progress=progress, label=name)
-    validate.check_restored(flatten_params(params), config, dtype)
+    params = hf.load_params(
+        model_dir, config, dtype=dtype, progress=progress, label=name, text_only=False, index=index
+    )
+    validate.check_restored(flatten_params(params), config, dtype, text_only=False)
     return _engine(name, config, params, tok, dtype)
 
 
@@ -269,21 +335,50 @@ def _orbax_engine(
     name: str,
     dtype: np.dtype,
     progress: ProgressFn,
+    text_only: bool,
 ) -> Engine:
     """Config (given, or inferred from the shapes) and tokenizer are checked before any read."""
     layout, sources = _read_sources(ckpt)
+    has_vision = bool(validate.vision_paths(sources))
     if config is None:
-        config = validate.infer_config(validate.text_shapes(sources))
-        if config is None:
-            shapes = validate.describe(validate.text_shapes(sources))
-            raise UnsupportedModelError(
-                f"{ckpt}: these weights ({shapes}) match no Gemma preset this engine knows "
-                f"({', '.join(presets.PRESETS)})."
-            )
+        config = _infer_config(ckpt, sources, with_vision=has_vision and not text_only)
     tok = _load_tokenizer(tokenizer, config)
-    flat = _restore_orbax(ckpt, config, dtype, progress, sources=(layout, sources))
-    validate.check_restored(flat, config, dtype)
+    config = _with_or_without_vision(config, has_vision, text_only, str(ckpt))
+    flat = _restore_orbax(ckpt, config, dtype, progress, text_only=False, sources=(layout, sources))
+    validate.check_restored(flat, config, dtype, text_only=False)
     return _engine(name, config, unflatten_params(flat), tok, dtype)
+
+
+def _infer_config(
+    ckpt: pathlib.Path, sources: dict[str, layouts.Source], *, with_vision: bool
+) -> TransformerConfig:
+    """The architecture of an unnamed local checkpoint, from its shapes.
+
+    The text decoder must match a preset (its vocabulary may differ). The image encoder, when
+    present and wanted, is the preset's own (Gemma 3 4B+, so that wrong shapes are listed
+    against it), or else the `VisionConfig` its shapes describe.
+    """
+    text = validate.text_shapes(sources)
+    found = validate.infer_preset(text)
+    if found is None:
+        raise UnsupportedModelError(
+            f"{ckpt}: these weights ({validate.describe(text)}) match no Gemma preset this "
+            f"engine knows ({', '.join(presets.PRESETS)})."
+        )
+    key, config = found
+    if not with_vision:
+        return config
+    vc = presets.get_preset(key).vision
+    if vc is None:
+        vision_shapes = {p: s.shape for p, s in sources.items() if layouts.is_vision_path(p)}
+        vc = validate.infer_vision_config(vision_shapes)
+        if vc is None:
+            names = validate.vision_paths(sources)
+            raise UnsupportedModelError(
+                f"{ckpt}: its {len(names)} image-encoder weights ({names[0]}, ...) do not form a "
+                "Gemma 3 SigLIP encoder. Load it text-only (text_only=True, --text-only)."
+            )
+    return dataclasses.replace(config, vision=vc)
 
 
 def _load_tokenizer(path: pathlib.Path, config: TransformerConfig) -> Tokenizer:
@@ -318,4 +413,12 @@ def _engine(
     name: str, config: TransformerConfig, params: dict, tokenizer: Tokenizer, dtype: np.dtype
 ) -> Engine:
     compute = jnp.float32 if dtype == np.dtype(jnp.float32) else default_compute_dtype()
-    return Engine(name=name, config=config, params=params, tokenizer=tokenizer, dtype=compute)
+    images = config.vision is not None and "vision_encoder" in params
+    return Engine(
+        name=name,
+        config=config,
+        params=params,
+        tokenizer=tokenizer,
+        dtype=compute,
+        supports_images=images,
+    )

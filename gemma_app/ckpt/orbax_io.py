@@ -6,6 +6,8 @@ batch of leaves (`partial_restore=True`) straight into the target dtype and devi
 inside orbax); the largest leaves come first, while little else is resident, and batches are
 capped at `BATCH_BYTES`, so the transient host copy of a batch stays small next to the model.
 Encoder weights are never read at all in text-only mode: they are simply not in the batch.
+With vision loading, the image-encoder leaves are restored straight into float32 (`dtypes`)
+while the text leaves take the requested dtype, still one leaf copy at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ctypes.util
 import functools
 import logging
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -104,16 +106,20 @@ def _nbytes(shape: tuple[int, ...], dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def _batches(plan: Plan, dtype) -> list[Plan]:
+def _batches(plan: Plan, dtype_of: Callable[[str], Any]) -> list[Plan]:
     """Largest leaves first; STACKED leaves grouped by stored array; each batch <= BATCH_BYTES."""
     by_key: dict[tuple[str, ...], Plan] = {}
     for path, source in plan:
         by_key.setdefault(source.key, []).append((path, source))
-    groups = sorted(by_key.values(), key=lambda g: -sum(_nbytes(s.shape, dtype) for _, s in g))
+
+    def nbytes(group: Plan) -> int:
+        return sum(_nbytes(s.shape, dtype_of(p)) for p, s in group)
+
+    groups = sorted(by_key.values(), key=lambda g: -nbytes(g))
     batches: list[Plan] = []
     size = BATCH_BYTES
     for group in groups:
-        group_bytes = sum(_nbytes(s.shape, dtype) for _, s in group)
+        group_bytes = nbytes(group)
         if size + group_bytes > BATCH_BYTES:
             batches.append([])
             size = 0
@@ -157,10 +163,13 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _restore_batch(checkpointer, ckpt_dir, batch: Plan, dtype, sharding) -> dict[str, jax.Array]:
+def _restore_batch(
+    checkpointer, ckpt_dir, batch: Plan, dtype_of: Callable[[str], Any], sharding
+) -> dict[str, jax.Array]:
     """One partial restore. Stacked arrays come back as numpy and are split per layer."""
     item, restore_args = {}, {}
-    for _, source in batch:
+    for path, source in batch:
+        dtype = dtype_of(path)
         if source.index is None:
             item_leaf = jax.ShapeDtypeStruct(source.shape, dtype, sharding=sharding)
             args = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=source.shape)
@@ -179,7 +188,13 @@ def _restore_batch(checkpointer, ckpt_dir, batch: Plan, dtype, sharding) -> dict
 
 
 def restore(
-    ckpt_dir: pathlib.Path, plan: Plan, dtype, progress: ProgressFn, *, label: str = ""
+    ckpt_dir: pathlib.Path,
+    plan: Plan,
+    dtype,
+    progress: ProgressFn,
+    *,
+    label: str = "",
+    dtypes: Mapping[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """Reads the leaves of `plan` into device arrays of `dtype`, batch by batch.
 
@@ -189,18 +204,25 @@ def restore(
       dtype: target dtype of every leaf (orbax casts per leaf).
       progress: `(message, fraction)` within this phase.
       label: model name for progress messages.
+      dtypes: our path -> target dtype for leaves that differ from `dtype` (the image
+        encoder's float32 leaves).
 
     Raises:
       CorruptCheckpointError: a data file is missing, truncated or damaged.
     """
+    overrides = dict(dtypes or {})
+
+    def dtype_of(path: str):
+        return overrides.get(path, dtype)
+
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    total = sum(_nbytes(s.shape, dtype) for _, s in plan) or 1
+    total = sum(_nbytes(s.shape, dtype_of(p)) for p, s in plan) or 1
     done, arrays = 0, {}
     progress(f"Loading {label} weights ({format_bytes(total)})", 0.0)
-    for batch in _batches(plan, dtype):
+    for batch in _batches(plan, dtype_of):
         try:
-            arrays.update(_restore_batch(checkpointer, ckpt_dir, batch, dtype, sharding))
+            arrays.update(_restore_batch(checkpointer, ckpt_dir, batch, dtype_of, sharding))
         except Exception as error:  # tensorstore/orbax raise many types for damaged data
             names = ", ".join(path for path, _ in batch[:3])
             raise CorruptCheckpointError(
@@ -209,7 +231,7 @@ def restore(
                 "truncated or damaged: delete the directory and download or copy it again."
             ) from error
         release_freed_memory()
-        done += sum(_nbytes(s.shape, dtype) for _, s in batch)
+        done += sum(_nbytes(s.shape, dtype_of(p)) for p, s in batch)
         progress(
             f"Loading {label} weights: {format_bytes(done)} / {format_bytes(total)}", done / total
         )

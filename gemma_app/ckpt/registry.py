@@ -37,7 +37,7 @@ class Variant:
       instruction_tuned: True for the chat ("-it") checkpoints.
       checkpoint_dir: orbax directory inside the download; "" means the download root.
       tokenizer_file: SentencePiece model inside the download.
-      multimodal: the checkpoint also holds vision-encoder weights (skipped for text-only).
+      multimodal: the checkpoint also holds the image encoder (loaded unless text_only).
       verified: handle and layout confirmed by Google's own docs.
     """
 

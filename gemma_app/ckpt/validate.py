@@ -5,13 +5,20 @@ with `abstract_params(config)` and raises one `CheckpointMismatchError` listing 
 problem. When the shapes fit another preset ("a gemma3-4b checkpoint loaded as gemma3-1b"),
 the error says so; `infer_config` uses the same comparison to pick the architecture of a
 local checkpoint that comes without a name.
+
+Vision loading (`text_only=False` on a config with `vision`) adds the Gemma 3 image encoder:
+every `vision_encoder/...` leaf of `vision.abstract_params(config.vision)` and the two
+`embedder/mm_*` leaves of `vision.mm_embedder_shapes`, all float32 whatever the text dtype
+(the encoder runs in float32, and the reference casts the projection + norm to float32).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +26,15 @@ import numpy as np
 
 from gemma_app.ckpt import hf_map, layouts
 from gemma_app.ckpt.errors import CheckpointMismatchError, UnsupportedModelError
-from gemma_app.nn import presets
-from gemma_app.nn.config import TransformerConfig
+from gemma_app.nn import presets, vision
+from gemma_app.nn.config import TransformerConfig, VisionConfig
 from gemma_app.nn.transformer import abstract_params
 
 Shapes = Mapping[str, tuple[int, ...]]
+VISION_DTYPE = np.dtype(np.float32)  # storage dtype of every vision leaf, whatever the text's
+POOL = 4  # Gemma 3 average-pools the patch grid 4x4 (64x64 patches -> 256 soft tokens)
+_SIGLIP = "vision_encoder/siglip_encoder/"
+_BLOCK = re.compile(r"^vision_encoder/siglip_encoder/Transformer/encoderblock_(\d+)/")
 
 
 def text_shapes(sources: Mapping[str, layouts.Source]) -> dict[str, tuple[int, ...]]:
@@ -36,6 +47,46 @@ def text_config(config: TransformerConfig) -> TransformerConfig:
     if getattr(config, "vision", None) is None:
         return config
     return dataclasses.replace(config, vision=None)
+
+
+def loads_vision(config: TransformerConfig, text_only: bool) -> bool:
+    """True when a load fills the image encoder: asked for, and `config` has one."""
+    return not text_only and getattr(config, "vision", None) is not None
+
+
+def vision_paths(paths: Iterable[str]) -> list[str]:
+    """The image-encoder leaves (`layouts.is_vision_path`) among `paths`, sorted."""
+    return sorted(p for p in paths if layouts.is_vision_path(p))
+
+
+def infer_vision_config(shapes: Shapes) -> VisionConfig | None:
+    """The `VisionConfig` whose `vision_encoder` tree has these shapes, or None.
+
+    Width, patch size, heads, MLP width and depth are read off the leaves; the soft-token count
+    is not stored anywhere, so it follows Gemma 3's 4x4 pooling of the patch grid (64x64
+    patches -> 256 tokens; the tiny presets' 8x8 -> 4). A tree without these leaves, or whose
+    grid is not square or does not pool 4x4, gives None. Only block 0 is read: the other
+    leaves are checked afterwards, against this config, by `match_sources`.
+    """
+    try:
+        patch, patch_w, channels, width = shapes[_SIGLIP + "embedding/kernel"]
+        _, patches, _ = shapes[_SIGLIP + "pos_embedding"]
+        block = _SIGLIP + "Transformer/encoderblock_0/"
+        _, mlp_dim = shapes[block + "MlpBlock_0/Dense_0/kernel"]
+        _, heads, _ = shapes[block + "MultiHeadDotProductAttention_0/query/kernel"]
+    except (KeyError, ValueError):
+        return None
+    depth = len({m[1] for path in shapes if (m := _BLOCK.match(path))})
+    side = math.isqrt(patches)
+    if side * side != patches or side % POOL or patch != patch_w or channels != 3:
+        return None
+    try:
+        return VisionConfig(
+            image_size=side * patch, patch_size=patch, width=width, depth=depth,
+            mlp_dim=mlp_dim, num_heads=heads, num_mm_tokens_per_image=(side // POOL) ** 2,
+        )  # fmt: skip
+    except ValueError:
+        return None
 
 
 def _candidates(vocab: int | None) -> list[tuple[str, TransformerConfig]]:
@@ -96,11 +147,45 @@ def _targets(config: TransformerConfig, dtype: np.dtype) -> dict[str, jax.ShapeD
     return hf_map.flatten_params(abstract_params(config, dtype))
 
 
-def _integer_leaves(sources: Mapping[str, layouts.Source]) -> list[str]:
+@functools.lru_cache(maxsize=8)
+def _vision_targets(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every vision leaf of `config` (encoder tree + embedder `mm_*`) as float32 targets."""
+    vc = config.vision
+    tree = hf_map.flatten_params(vision.abstract_params(vc, VISION_DTYPE))
+    flat = {f"vision_encoder/{path}": leaf for path, leaf in tree.items()}
+    for path, shape in vision.mm_embedder_shapes(vc, config.embed_dim).items():
+        flat[path] = jax.ShapeDtypeStruct(shape, VISION_DTYPE)
+    return flat
+
+
+def targets(
+    config: TransformerConfig, dtype, *, text_only: bool = True
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Our path -> target shape and dtype of every leaf a load fills.
+
+    The text decoder in `dtype`; with `loads_vision(config, text_only)` also the image encoder
+    and the embedder `mm_*` leaves in float32.
+    """
+    flat = dict(_targets(config, np.dtype(dtype)))
+    if loads_vision(config, text_only):
+        flat.update(_vision_targets(config))
+    return flat
+
+
+def vision_bytes(config: TransformerConfig, dtype=VISION_DTYPE) -> int:
+    """Bytes of the image encoder + projection of `config` stored as `dtype` (0 without one)."""
+    if getattr(config, "vision", None) is None:
+        return 0
+    count = sum(int(np.prod(t.shape)) for t in _vision_targets(config).values())
+    return count * np.dtype(dtype).itemsize
+
+
+def _integer_leaves(sources: Mapping[str, layouts.Source], load_vision: bool) -> list[str]:
     return [
         f"{path} ({source.dtype})"
         for path, source in sources.items()
-        if not layouts.is_encoder_path(path) and not jnp.issubdtype(source.dtype, jnp.floating)
+        if not layouts.is_skipped(path, load_vision=load_vision)
+        and not jnp.issubdtype(source.dtype, jnp.floating)
     ]
 
 
@@ -118,62 +203,68 @@ def match_sources(
       sources: our path -> Source, from `layouts.canonical_sources`.
       config: the architecture to load into.
       dtype: the target dtype (on-disk floating dtypes are cast to it).
-      text_only: skip encoder weights (`layouts.is_encoder_path`).
+      text_only: skip encoder weights (`layouts.is_skipped`). With text_only=False and
+        `config.vision` set, the image encoder is loaded too and checked leaf by leaf.
       what: how the message names the checkpoint.
 
     Returns:
-      (our path, Source) for every leaf of `abstract_params(config)`.
+      (our path, Source) for every leaf of `targets(config, dtype, text_only=text_only)`.
 
     Raises:
-      UnsupportedModelError: quantized (integer) weights, or encoder weights with
-        text_only=False (vision loading is not implemented yet).
-      CheckpointMismatchError: missing, unexpected or wrongly shaped leaves, all listed.
+      UnsupportedModelError: quantized (integer) weights.
+      CheckpointMismatchError: missing, unexpected or wrongly shaped leaves, all listed
+        (text and image encoder together).
     """
-    encoders = sorted(p for p in sources if layouts.is_encoder_path(p))
-    if encoders and not text_only:
-        raise UnsupportedModelError(
-            f"{what} holds {len(encoders)} vision/audio encoder weights ({encoders[0]}, ...); "
-            "loading them is not supported yet: load with text_only=True."
-        )
-    if integers := _integer_leaves(sources):
+    load_vision = loads_vision(config, text_only)
+    if integers := _integer_leaves(sources, load_vision):
         raise UnsupportedModelError(
             f"{what} stores integer weights ({', '.join(integers[:3])}): quantized "
             "checkpoints (e.g. the '-int4' Kaggle variants) are not supported; use the bf16 one."
         )
-    targets = _targets(config, np.dtype(dtype))
-    problems, plan = [], []
-    for path, target in targets.items():
+    wanted = targets(config, dtype, text_only=text_only)
+    problems: dict[str, str] = {}  # our path -> problem
+    plan = []
+    for path, target in wanted.items():
         source, shape = sources.get(path), tuple(target.shape)
         if source is None:
-            problems.append(f"missing {path} (expected {shape})")
+            problems[path] = f"missing {path} (expected {shape})"
         elif source.shape != shape:
-            problems.append(f"{path}: checkpoint has {source.shape}, model expects {shape}")
+            problems[path] = f"{path}: checkpoint has {source.shape}, model expects {shape}"
         else:
             plan.append((path, source))
-    problems += [
-        f"unexpected {p} {s.shape}"
-        for p, s in sources.items()
-        if p not in targets and not layouts.is_encoder_path(p)
-    ]
+    for path, source in sources.items():
+        if path not in wanted and not layouts.is_skipped(path, load_vision=load_vision):
+            problems[path] = f"unexpected {path} {source.shape}"
     if problems:
-        raise CheckpointMismatchError(
-            f"{what} does not match {config.name}",
-            problems,
-            looks_like=looks_like(text_shapes(sources)),
-        )
+        raise mismatch(f"{what} does not match {config.name}", problems, text_shapes(sources))
     return plan
 
 
-def check_restored(arrays: Mapping[str, jax.Array], config: TransformerConfig, dtype) -> None:
-    """Every restored leaf has exactly the shape and dtype of `abstract_params(config, dtype)`."""
-    targets = _targets(config, np.dtype(dtype))
-    problems = [f"missing {p} after restore" for p in targets if p not in arrays]
+def mismatch(what: str, problems: Mapping[str, str], shapes: Shapes) -> CheckpointMismatchError:
+    """The error for `problems` (our path -> line), all listed.
+
+    When only image-encoder leaves are wrong the message says how to skip them; otherwise it
+    names the preset the text weights look like (`shapes`), if any.
+    """
+    if all(layouts.is_vision_path(path) for path in problems):
+        what += " (image encoder only: load text-only, text_only=True or --text-only, to skip it)"
+        return CheckpointMismatchError(what, list(problems.values()))
+    return CheckpointMismatchError(what, list(problems.values()), looks_like=looks_like(shapes))
+
+
+def check_restored(
+    arrays: Mapping[str, jax.Array], config: TransformerConfig, dtype, *, text_only: bool = True
+) -> None:
+    """Every restored leaf has exactly the shape and dtype of `targets(config, dtype, ...)`."""
+    targets_ = targets(config, dtype, text_only=text_only)
+    problems = [f"missing {p} after restore" for p in targets_ if p not in arrays]
     problems += [
         f"{path}: restored {arrays[path].shape} {arrays[path].dtype}, expected "
         f"{target.shape} {target.dtype}"
-        for path, target in targets.items()
+        for path, target in targets_.items()
         if path in arrays
         and (arrays[path].shape != target.shape or arrays[path].dtype != target.dtype)
     ]
+    problems += [f"unexpected {p} after restore" for p in arrays if p not in targets_]
     if problems:
         raise CheckpointMismatchError(f"Restored weights do not match {config.name}", problems)

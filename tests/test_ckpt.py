@@ -51,6 +51,7 @@ from gemma_app.ckpt import (
 from gemma_app.ckpt import hf as hf_io
 from gemma_app.ckpt.hf_map import flatten_params
 from gemma_app.ckpt.progress import Progress, format_bytes
+from gemma_app.engine import resolve_dtype
 from gemma_app.nn import presets, transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,6 +59,8 @@ GOLDEN_DIR = ROOT / "tests" / "golden"
 LOGITS_ATOL = 1e-4
 LAYOUTS = (layouts.FLAT, layouts.NESTED, layouts.STACKED, layouts.KAULDRON)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+# What loading picks when no dtype is asked for: float32 on CPU, bfloat16 on accelerators.
+AUTO_DTYPE = np.dtype(resolve_dtype("auto").param_dtype)
 HANDLE = "google/gemma-3/flax/gemma3-1b-it"
 GEMMA3_PAGE = "https://www.kaggle.com/models/google/gemma-3"
 # A registry entry for the fixture: Kaggle's gemma3-1b-it handle, holding "demo"-sized weights.
@@ -145,7 +148,7 @@ def test_text_only_skips_vision_weights(fx):
     assert_params_equal(params, fx.params["tiny-gemma3"], ml_dtypes.bfloat16)
     # A config without an image encoder has nothing to fill: text_only=False changes nothing.
     params = load_params(path, config, text_only=False)
-    assert_params_equal(params, fx.params["tiny-gemma3"], ml_dtypes.bfloat16)
+    assert_params_equal(params, fx.params["tiny-gemma3"], AUTO_DTYPE)
     # Text-only loading fills (and the engine runs) the config without its image encoder.
     assert getattr(validate.text_config(presets.gemma3_4b()), "vision", None) is None
 
@@ -215,7 +218,7 @@ def test_load_engine_from_a_pinned_variant_offline(fx, kaggle_env, monkeypatch):
     engine = load_engine("demo-it@1", progress=lambda message, f: seen.append((message, f)))
     assert engine.name == "demo-it" and engine.config == presets.tiny_demo()
     assert engine.tokenizer.vocab_size == 4096 and not engine.is_demo
-    assert_params_equal(engine.params, fx.params["demo"], ml_dtypes.bfloat16)
+    assert_params_equal(engine.params, fx.params["demo"], AUTO_DTYPE)
     fractions = [f for _, f in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any(m.startswith("Loading demo-tiny-gemma3 weights") for m, _ in seen)
@@ -330,7 +333,7 @@ def test_download_through_kagglehub_then_offline(
     fake_kaggle.delay = 0.15  # per file: lets the progress watcher see bytes arrive
     seen = []
     engine = load_engine("demo-it", progress=lambda message, f: seen.append((message, f)))
-    assert_params_equal(engine.params, fx.params["demo"], ml_dtypes.bfloat16)
+    assert_params_equal(engine.params, fx.params["demo"], AUTO_DTYPE)
     methods = [method for method, *_ in fake_kaggle.requests]
     assert methods[:2] == ["GetModelInstance", "ListModelInstanceVersionFiles"]
     assert methods.count("DownloadModelInstanceVersion") == sum(
@@ -534,7 +537,7 @@ def test_hf_dir_engine(fx):
     engine = load_engine(str(fx.hf["demo"]))
     assert engine.name == "demo" and engine.config.name == "hf-gemma3"
     assert engine.config == dataclasses.replace(presets.tiny_demo(), name="hf-gemma3")
-    assert_params_equal(engine.params, fx.params["hf-demo"], ml_dtypes.bfloat16)
+    assert_params_equal(engine.params, fx.params["hf-demo"], AUTO_DTYPE)
 
 
 # --- registry and progress -----------------------------------------------------------------

@@ -48,12 +48,15 @@ from gemma_app.ckpt.hf_map import (
     vision_param_shapes,
 )
 from gemma_app.ckpt.progress import format_bytes
+from gemma_app.engine import resolve_dtype
 from gemma_app.nn import presets, vision
 from gemma_app.nn.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # ours vs transformers, float32
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+# What loading picks when no dtype is asked for: float32 on CPU, bfloat16 on accelerators.
+AUTO_DTYPE = np.dtype(resolve_dtype("auto").param_dtype)
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 PRESET = "demo-vision"
 
@@ -172,13 +175,13 @@ def test_local_orbax_engine_answers_images_and_text_only_does_not(fx):
     path = fx.orbax[f"{PRESET}/FLAT"]
     engine = load_engine(str(path))
     assert engine.config == CONFIG and engine.name == "FLAT"
-    assert_loaded(engine.params, fx.params[PRESET], ml_dtypes.bfloat16)
-    assert engine.param_dtype == jnp.bfloat16  # the text dtype: the first leaf is the embedding
+    assert_loaded(engine.params, fx.params[PRESET], AUTO_DTYPE)
+    assert engine.param_dtype == AUTO_DTYPE  # the text dtype: the first leaf is the embedding
     assert_answers_images(engine)
 
     text_only = load_engine(str(fx.orbax[f"{PRESET}/NESTED"]), text_only=True)
     assert text_only.config == presets.tiny_demo()
-    assert_loaded(text_only.params, text_part(fx.params[PRESET]), ml_dtypes.bfloat16)
+    assert_loaded(text_only.params, text_part(fx.params[PRESET]), AUTO_DTYPE)
     assert_refuses_images(text_only)
 
 
@@ -205,7 +208,7 @@ def vision_variant(fx, monkeypatch, tmp_path):
 def test_kaggle_variant_loads_vision_by_default(fx, vision_variant):
     engine = load_engine("demo-vision-it@1")
     assert engine.config == CONFIG and engine.name == "demo-vision-it"
-    assert_loaded(engine.params, fx.params[PRESET], ml_dtypes.bfloat16)
+    assert_loaded(engine.params, fx.params[PRESET], AUTO_DTYPE)
     assert_answers_images(engine)
     text_only = load_engine("demo-vision-it@1", text_only=True, dtype="float32")
     assert text_only.config == presets.tiny_demo()
@@ -240,11 +243,11 @@ def test_hf_vision_dir(fx):
     assert config == dataclasses.replace(CONFIG, name="hf-gemma3")
     params = load_params(path, config, dtype="bfloat16", text_only=False)
     assert_loaded(params, fx.params[PRESET], ml_dtypes.bfloat16)
-    assert_loaded(load_params(path, config), text_part(fx.params[PRESET]), ml_dtypes.bfloat16)
+    assert_loaded(load_params(path, config), text_part(fx.params[PRESET]), AUTO_DTYPE)
 
     engine = load_engine(str(path))
     assert engine.config == config
-    assert_loaded(engine.params, fx.params[PRESET], ml_dtypes.bfloat16)
+    assert_loaded(engine.params, fx.params[PRESET], AUTO_DTYPE)
     assert_encodes_images(engine)
     assert_refuses_images(load_engine(str(path), text_only=True))
 

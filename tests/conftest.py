@@ -22,3 +22,180 @@ def demo_engine():
     from gemma_app.engine import demo_engine
 
     return demo_engine()
+
+
+# -- the Gradio app (app.py) on loopback, for tests/test_ui*.py, test_load.py, test_browser.py --
+
+APP_TEST_SETTINGS = {
+    # One cache length for every launched test app: jit caches are shared across them.
+    "cache_length": 1024,
+    "max_out_length": 1000,
+    "max_new_tokens": 32,
+    "concurrency_limit": 4,
+    "queue_size": 32,
+    "warmup": False,
+    "host": "127.0.0.1",
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def launch_app(demo_engine, tmp_path_factory):
+    """Factory: `launch_app(engine=..., **settings) -> (App, url)`, served on 127.0.0.1 only.
+
+    Uses the shared demo engine unless `engine` is given (None with `model=...` loads that
+    model). Gradio is kept offline (no analytics) and its heartbeat is short, so a closed client
+    triggers `unload` within about a second. Every app is closed at the end of the session.
+    """
+    import os
+
+    env = {
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_HEARTBEAT_INTERVAL": "0.5",
+        "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    import app as app_module
+
+    launched = []
+
+    def launch(*, engine=demo_engine, **overrides):
+        settings = app_module.Settings(**{**APP_TEST_SETTINGS, "port": _free_port(), **overrides})
+        served = app_module.create_app(settings, engine=engine)
+        served.launch(prevent_thread_lock=True, quiet=True)
+        launched.append(served)
+        return served, f"http://127.0.0.1:{settings.port}/"
+
+    yield launch
+    for served in launched:
+        served.demo.close()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+class ChatDriver:
+    """One simulated browser tab: a `gradio_client.Client` with its own session and history.
+
+    `add` and `respond` call the same two events the page's textbox triggers. Each returns what
+    the server sent plus the toasts (`gr.Warning`/`gr.Info`) it raised, as (level, text).
+    """
+
+    SAMPLING = {
+        "system_prompt": "",
+        "greedy": True,
+        "temperature": 1.0,
+        "top_k": 64,
+        "top_p": 0.95,
+        "min_p": 0.0,
+        "max_new_tokens": 32,
+        "seed": -1,
+    }
+    TIMEOUT_S = 120
+
+    def __init__(self, url: str):
+        from gradio_client import Client
+
+        self.client = Client(url, verbose=False, download_files=False)
+        self.history: list = []
+
+    @property
+    def session_hash(self) -> str:
+        return self.client.session_hash
+
+    def call(self, *args, api_name: str):
+        """Runs an endpoint to completion: (every streamed output, toasts)."""
+        job = self.client.submit(*args, api_name=api_name)
+        job.result(timeout=self.TIMEOUT_S)
+        return list(job.outputs()), self.toasts(job)
+
+    @staticmethod
+    def toasts(job) -> list[tuple[str, str]]:
+        found = []
+        updates = job.communicator.updates
+        while not updates.empty():
+            update = updates.get_nowait()
+            log = getattr(update, "log", None)
+            if log:
+                found.append((log[1], log[0]))
+        return found
+
+    def add(self, text: str, files=()):
+        """The textbox's submit: validates and appends the message (or refuses it)."""
+        from gradio_client import handle_file
+
+        message = {"text": text, "files": [handle_file(str(f)) for f in files]}
+        outputs, toasts = self.call(message, self.history, api_name="/add_message")
+        history, _textbox = outputs[-1]
+        if isinstance(history, list):
+            self.history = history
+        return toasts
+
+    def sampling_args(self, **overrides) -> list:
+        return list({**self.SAMPLING, **overrides}.values())
+
+    def submit_respond(self, **sampling):
+        return self.client.submit(
+            self.history, *self.sampling_args(**sampling), api_name="/respond"
+        )
+
+    def respond(self, **sampling):
+        """Streams the reply; returns (streamed outputs, toasts) and keeps the final history."""
+        job = self.submit_respond(**sampling)
+        job.result(timeout=self.TIMEOUT_S)
+        outputs = list(job.outputs())
+        if outputs and isinstance(outputs[-1][0], list):
+            self.history = outputs[-1][0]
+        return outputs, self.toasts(job)
+
+    def send(self, text: str, files=(), **sampling) -> str:
+        """add + respond; returns the final answer text."""
+        self.add(text, files)
+        self.respond(**sampling)
+        return last_answer(self.history)
+
+    @property
+    def answer(self) -> str | None:
+        return last_answer(self.history)
+
+    @staticmethod
+    def answer_of(history: list) -> str | None:
+        return last_answer(history)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def last_answer(history: list) -> str | None:
+    """Text of the last assistant message of a Chatbot value (None if there is none)."""
+    from gemma_app import ui
+
+    for message in reversed(history or []):
+        if message["role"] == "assistant":
+            return ui.message_text(message)
+    return None
+
+
+@pytest.fixture
+def open_chat():
+    """Factory: `open_chat(url) -> ChatDriver`; every driver is closed after the test."""
+    drivers = []
+
+    def open_(url: str) -> ChatDriver:
+        driver = ChatDriver(url)
+        drivers.append(driver)
+        return driver
+
+    yield open_
+    for driver in drivers:
+        driver.close()

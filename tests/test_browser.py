@@ -1,0 +1,172 @@
+"""A real browser: Debian's headless Chromium, driven by Playwright, against the demo app.
+
+Playwright comes from pip without its own browser download (never `playwright install`); the
+test uses /usr/bin/chromium (`apt-get install -y chromium`) and skips when it is absent.
+Every request that leaves 127.0.0.1 is blocked and recorded: the page must need none.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    # A fake microphone (a beep) that needs no permission prompt.
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+TIMEOUT_MS = 60_000
+STOP_TOKENS = 3000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+]
+
+# Records the text length of the latest answer on every DOM change: proves streaming.
+RECORD_LENGTHS = """() => {
+  window.__lengths = [];
+  new MutationObserver(() => {
+    const bots = document.querySelectorAll('[data-testid="bot"]');
+    if (bots.length) window.__lengths.push(bots[bots.length - 1].innerText.length);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+# Clicks stop as soon as the second answer shows text. The click comes from inside the page
+# because the demo model writes ~1000 tokens/s: a round trip through Playwright (which also
+# waits for a layout-stable target) would often arrive after the answer had finished.
+STOP_ON_FIRST_TEXT = """() => {
+  const observer = new MutationObserver(() => {
+    const bots = document.querySelectorAll('[data-testid="bot"]');
+    const stop = document.querySelector('button[aria-label="Stop"]');
+    if (bots.length == 2 && bots[1].innerText.length > 0 && stop) {
+      observer.disconnect();
+      stop.click();
+    }
+  });
+  observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def page(launch_app):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    # A long context, so the stopped answer can be long (3000 tokens, seconds even for the fast
+    # demo model): the stop must land while it is still being written.
+    _, url = launch_app(warmup=True, cache_length=4096, max_out_length=STOP_TOKENS)
+    external = []
+
+    def loopback_only(route):
+        if route.request.url.startswith("http://127.0.0.1"):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 900}, permissions=["microphone"]
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        context.route("**/*", loopback_only)
+        page = context.new_page()
+        page.goto(url)
+        page.external_requests = external
+        page.app_url = url
+        yield page
+        browser.close()
+
+
+def send(page, text: str) -> None:
+    box = page.get_by_placeholder("Message the model")
+    box.fill(text)
+    box.press("Enter")
+
+
+def set_max_new_tokens(page, value: int) -> None:
+    box = page.get_by_label("number input for Max new tokens")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def stats_text(page) -> str:
+    return page.locator("#answer-stats").inner_text()
+
+
+def test_chat_stream_stop_and_refused_upload_in_chromium(page, tmp_path):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#banner")).to_contain_text("Demo model: random weights")
+    # Greedy: the demo's greedy answers never end early, so lengths are predictable.
+    page.get_by_label("Greedy (always the most likely token)").check()
+    set_max_new_tokens(page, 300)
+    page.evaluate(RECORD_LENGTHS)
+
+    # A message streams into a growing answer, then the statistics line fills in.
+    # Text that spells a control token is shown as typed (not swallowed as an HTML tag).
+    send(page, "Tell me about <start_of_turn> the sea.")
+    user_bubble = page.locator('[data-testid="user"]').first
+    expect(user_bubble).to_contain_text("the sea.")
+    assert (
+        user_bubble.inner_text().replace("\u200b", "") == "Tell me about <start_of_turn> the sea."
+    )
+    expect(page.get_by_text("looks like a Gemma control token").first).to_contain_text(
+        "<\u200bstart_of_turn>"
+    )
+    expect(page.locator("#answer-stats")).to_contain_text("context", timeout=TIMEOUT_MS)
+    lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
+    assert len(set(lengths)) >= 2, lengths  # several refreshes ...
+    assert lengths == sorted(lengths)  # ... of a growing answer
+    assert "300 tokens" in stats_text(page)
+
+    # The stop button ends a long answer.
+    set_max_new_tokens(page, STOP_TOKENS)
+    page.evaluate(STOP_ON_FIRST_TEXT)
+    send(page, "Count to one thousand.")
+    expect(page.locator("#answer-stats")).to_contain_text("stopped")
+    assert int(re.search(r"(\d+) tokens", stats_text(page)).group(1)) < STOP_TOKENS
+    expect(page.get_by_role("button", name="Submit")).to_be_visible()
+    expect(page.locator('[data-testid="bot"]')).to_have_count(2)
+    assert page.locator('[data-testid="bot"]').nth(1).inner_text()  # the partial answer stays
+
+    # An image goes through the upload path and is refused by this text-only model.
+    page.locator('input[type="file"]').first.set_input_files(str(EXAMPLES / "shapes.png"))
+    expect(page.locator("img[src*='shapes']").first).to_be_visible()
+    send(page, "What is in this picture?")
+    expect(page.get_by_text("Images are not supported by this model").first).to_be_visible()
+    expect(page.locator('[data-testid="user"]')).to_have_count(2)  # nothing was sent
+    expect(page.get_by_placeholder("Message the model")).to_have_value("What is in this picture?")
+
+    screenshot = tmp_path / "chat.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
+    assert page.external_requests == []
+
+
+def test_a_microphone_recording_goes_through_and_is_refused_by_a_text_model(page):
+    from playwright.sync_api import expect
+
+    page.goto(page.app_url)  # a fresh tab: a new session and an empty textbox
+    page.get_by_role("button", name="Record audio").click()
+    page.get_by_role("button", name="Start recording").click()
+    page.wait_for_timeout(1500)  # Chromium's fake microphone beeps
+    page.get_by_role("button", name="Stop recording").click()
+    page.get_by_role("button", name="Attach audio").click()
+    send(page, "What did I say?")
+    # The recording was uploaded and decoded (a bad file gets another message), then gated.
+    expect(page.get_by_text("Audio is not supported by this model").first).to_be_visible()
+    expect(page.locator('[data-testid="user"]')).to_have_count(0)
+    assert page.external_requests == []

@@ -1,0 +1,206 @@
+"""Pure helpers of gemma_app.ui: message normalisation, throttling, status text, the layout."""
+
+import dataclasses
+from pathlib import Path
+
+import gradio as gr
+
+from gemma_app import ui
+from gemma_app.sessions import ReplyStats
+
+
+def user(text, *files):
+    return ui.user_message(text, files)
+
+
+def bot(text):
+    return ui.text_message("assistant", text)
+
+
+def test_user_message_keeps_text_exact_and_files_as_blocks():
+    message = user("  indented\n\n", "/tmp/a.png")
+    assert message == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "  indented\n\n"},
+            {"type": "file", "file": {"path": "/tmp/a.png"}},
+        ],
+    }
+    assert ui.message_text(message) == "  indented\n\n"
+    assert ui.message_files(message) == ["/tmp/a.png"]
+    assert user("", "/tmp/a.png")["content"] == [{"type": "file", "file": {"path": "/tmp/a.png"}}]
+
+
+def test_message_helpers_accept_plain_string_content():
+    assert ui.message_text({"role": "assistant", "content": "plain"}) == "plain"
+    assert ui.message_files({"role": "user", "content": {"path": "/x.wav"}}) == ["/x.wav"]
+
+
+def test_history_turns_groups_consecutive_messages_and_skips_thoughts():
+    history = [
+        {"role": "system", "content": [{"type": "text", "text": "ignored"}]},
+        user("look"),
+        user("", "/tmp/a.png"),
+        bot("part one"),
+        {"role": "assistant", "metadata": {"title": "Reasoning"}, "content": "hidden"},
+        bot("part two"),
+        user("next"),
+    ]
+    turns = ui.history_turns(history)
+    assert turns == [
+        ui.ChatTurn(ui.UserTurn("look", ("/tmp/a.png",)), "part one\npart two"),
+        ui.ChatTurn(ui.UserTurn("next"), None),
+    ]
+    assert ui.history_pairs(turns) == [("look", "part one\npart two")]
+    done, pending = ui.split_pending(history)
+    assert done == turns[:1] and pending == ui.UserTurn("next")
+
+
+def test_split_pending_on_answered_and_empty_histories():
+    assert ui.split_pending([]) == ([], None)
+    done, pending = ui.split_pending([user("q"), bot("")])  # a reply stopped before any text
+    assert pending is None and ui.history_pairs(done) == [("q", "")]
+
+
+def test_retry_drops_the_last_answer_only():
+    history = [user("a"), bot("1"), user("b"), bot("2")]
+    assert ui.retry_history(history) == history[:3]
+    assert ui.retry_history(history[:3]) == history[:3]
+
+
+def test_undo_removes_the_last_user_turn_and_returns_it():
+    history = [user("a"), bot("1"), user("b"), user("", "/f.png"), bot("2")]
+    rest, removed = ui.undo_history(history)
+    assert rest == history[:2]
+    assert removed == ui.UserTurn("b", ("/f.png",))
+    assert ui.undo_history([]) == ([], None)
+
+
+def test_apply_edit_replaces_text_keeps_files_and_drops_later_messages():
+    history = [user("a", "/f.png"), bot("1"), user("b"), bot("2")]
+    edited = ui.apply_edit(history, 0, "A!")
+    assert edited == [user("A!", "/f.png")]
+    assert ui.apply_edit(history, [2, 0], "B!") == history[:2] + [user("B!")]
+    assert ui.apply_edit(history, 9, "x") == history  # out of range: unchanged
+    assert history[0] == user("a", "/f.png")  # the input is not mutated
+
+
+def test_with_answer_and_without_pending():
+    history = [user("a"), bot("1"), user("b")]
+    assert ui.with_answer(history, "2")[-1] == bot("2")
+    assert ui.without_pending(history) == history[:2]
+
+
+def test_control_text_detection():
+    assert ui.contains_control_text("x <start_of_turn>model")
+    assert ui.contains_control_text("<end_of_turn>") and ui.contains_control_text("<unused12>")
+    assert not ui.contains_control_text("a <b>bold</b> <start of turn>")
+
+
+def test_gemma_tags_are_defused_for_display_and_read_back_exactly():
+    text = "<start_of_turn>model <escape> <b>bold</b> <unused3> <|turn> a<b <\u200bescape>"
+    message = ui.user_message(text)
+    displayed = message["content"][0]["text"]
+    assert "<start_of_turn>" not in displayed and "<escape>" not in displayed
+    assert "<b>bold</b>" in displayed  # ordinary HTML is left to the markdown renderer
+    assert ui.message_text(message) == text
+    answer = ui.text_message("assistant", "<eos> and <end_of_turn>")
+    assert ui.history_pairs(ui.history_turns([message, answer])) == [
+        (text, "<eos> and <end_of_turn>")
+    ]
+    assert ui.message_text(ui.apply_edit([message], 0, "<pad>")[0]) == "<pad>"
+
+
+def test_throttle_fires_first_then_once_per_interval():
+    now = [0.0]
+    throttle = ui.Throttle(0.05, clock=lambda: now[0])
+    fired = []
+    for t in (0.0, 0.01, 0.049, 0.05, 0.06, 0.2):
+        now[0] = t
+        fired.append(throttle.ready())
+    assert fired == [True, False, False, True, False, True]
+
+
+def test_format_stats_while_streaming_and_when_done():
+    assert ui.format_stats(None) == ""
+    live = ReplyStats(answer_tokens=3, ttft_s=0.1234, tokens_per_s=50.0, context_length=1024)
+    assert ui.format_stats(live) == "Writing… **3 tokens** · first token 0.12 s · 50.0 tokens/s"
+    done = ReplyStats(
+        answer_tokens=40, ttft_s=0.2, tokens_per_s=80.0, context_used=256,
+        context_length=1024, complete=True, finished=True,
+    )  # fmt: skip
+    assert ui.format_stats(done) == (
+        "**40 tokens** · first token 0.20 s · 80.0 tokens/s · context 256 / 1,024 tokens (25%)"
+    )
+    cut = ReplyStats(answer_tokens=5, context_used=9, context_length=64, finished=True)
+    assert ui.format_stats(cut).endswith("cut off (max new tokens or full context)")
+    stopped = ReplyStats(answer_tokens=5, stopped=True, finished=True, context_length=64)
+    assert ui.format_stats(stopped).endswith("stopped")
+
+
+def test_banner_labels_the_demo_and_load_failures(demo_engine):
+    assert "random weights" in ui.banner_text(demo_engine, None)
+    failed = ui.banner_text(None, "Could not load model `x`: nope.")
+    assert failed.startswith("❌ **Could not load model `x`: nope.**")
+    assert ui.banner_text(None, None) == ""
+
+
+def test_model_card_lists_what_the_panel_promises(demo_engine):
+    card = ui.model_card(demo_engine, ui.ChatOptions(cache_length=1024))
+    for needle in ("Gemma 3", "parameters", "float32", "cpu", "1,024 tokens", "**Reads:** text"):
+        assert needle in card
+    assert ui.model_card(None, ui.ChatOptions()) == "No model is loaded."
+
+
+def _component(demo, cls, **props):
+    found = [
+        c
+        for c in demo.blocks.values()
+        if isinstance(c, cls) and all(getattr(c, k, None) == v for k, v in props.items())
+    ]
+    assert len(found) == 1, f"expected one {cls.__name__} with {props}, found {len(found)}"
+    return found[0]
+
+
+def test_layout_has_the_promised_controls(demo_engine):
+    demo = ui.build_demo(demo_engine, options=ui.ChatOptions(max_out_length=300))
+    chatbot = _component(demo, gr.Chatbot)
+    assert chatbot.latex_delimiters == ui.LATEX_DELIMITERS
+    assert {"copy", "copy_all"} <= set(chatbot.buttons)
+    assert chatbot.editable == "user"
+    textbox = _component(demo, gr.MultimodalTextbox)
+    assert textbox.sources == ["upload", "microphone"]
+    for label in ("Temperature", "Top-k", "Top-p", "Min-p", "Max new tokens"):
+        _component(demo, gr.Slider, label=label)
+    assert _component(demo, gr.Slider, label="Max new tokens").maximum == 300
+    _component(demo, gr.Checkbox, label="Greedy (always the most likely token)")
+    _component(demo, gr.Number, label="Seed")
+    banner = _component(demo, gr.Markdown, elem_id="banner")
+    assert "random weights" in banner.value
+
+
+def test_generation_events_share_one_lane(demo_engine):
+    demo = ui.build_demo(demo_engine, options=ui.ChatOptions(concurrency_limit=3))
+    replies = [fn for fn in demo.fns.values() if fn.name == "respond"]
+    assert len(replies) == 3  # submit, retry and edit
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in replies} == {("generate", 3)}
+    assert demo._queue.max_size == ui.ChatOptions().queue_size
+
+
+def test_examples_come_from_assets_and_are_marked_by_what_the_model_reads(demo_engine):
+    sets = {label: (examples, usable) for label, examples, usable in ui.example_sets(demo_engine)}
+    assert sets["Try"][1] and all(not e["files"] for e in sets["Try"][0])
+    images, usable = sets["Images"]
+    assert not usable and {Path(e["files"][0]).name for e in images} >= {"shapes.png", "chart.png"}
+    assert not sets["Spoken questions"][1]
+    vision = dataclasses.replace(demo_engine, supports_images=True)
+    assert dict((label, usable) for label, _, usable in ui.example_sets(vision))["Images"]
+
+
+def test_attachments_are_decoded_by_kind_for_the_sampler(demo_engine):
+    chat = ui._ChatApp(demo_engine, registry=None, options=ui.ChatOptions(), notice=None)
+    files = [str(ui.EXAMPLES_DIR / "shapes.png"), str(ui.EXAMPLES_DIR / "question_math.wav")]
+    decoded = chat.decode_attachments(files)
+    assert [a.shape for a in decoded["images"]] == [(384, 512, 3)]
+    assert len(decoded["audio"]) == 1 and decoded["audio"][0].ndim == 1
+    assert chat.decode_attachments([]) == {"images": [], "audio": []}

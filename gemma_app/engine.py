@@ -14,7 +14,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from gemma_app.nn import presets
+from gemma_app.nn import presets, vision
 from gemma_app.nn.config import TransformerConfig
 from gemma_app.nn.transformer import Transformer, init_params
 from gemma_app.text.chat import ChatSampler
@@ -115,15 +115,21 @@ class Engine:
 
 
 def demo_engine(*, seed: int = DEMO_SEED, dtype: jnp.dtype | None = None) -> Engine:
-    """The built-in demo: tiny Gemma 3 architecture, random weights from `seed`, our tokenizer."""
+    """The built-in demo: tiny Gemma 3 architecture with a toy image encoder, random weights
+    from `seed`, and the project's tokenizer. It reads text and images (answers are gibberish).
+    """
     tokenizer = Tokenizer(DEMO_TOKENIZER, version=3)
-    config = presets.tiny_demo(num_embed=tokenizer.vocab_size)
-    dtype = dtype or default_compute_dtype()
+    config = presets.tiny_demo_vision(num_embed=tokenizer.vocab_size)
+    params = dict(init_params(config, seed=seed, dtype=jnp.float32))
+    params["vision_encoder"] = vision.init_params(config.vision, seed=seed + 1)
+    mm = vision.init_mm_embedder(config.vision, config.embed_dim, seed=seed + 2)
+    params["embedder"] = {**params["embedder"], **mm}
     return Engine(
         name="demo-tiny-gemma3 (random weights)",
         config=config,
-        params=init_params(config, seed=seed, dtype=jnp.float32),
+        params=params,
         tokenizer=tokenizer,
-        dtype=dtype,
+        dtype=dtype or default_compute_dtype(),
         is_demo=True,
+        supports_images=True,
     )

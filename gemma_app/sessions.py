@@ -161,7 +161,7 @@ class Session:
         self._lock.release()
         return True
 
-    def sync(self, history: Sequence[tuple[str, str]], *, system_prompt: str | None) -> bool:
+    def sync(self, history: Sequence[tuple], *, system_prompt: str | None) -> bool:
         """Makes the sampler's conversation equal to `history` now (after undo); False if busy."""
         if not self._lock.acquire(blocking=False):
             return False
@@ -173,7 +173,7 @@ class Session:
 
     def reply(
         self,
-        history: Sequence[tuple[str, str]],
+        history: Sequence[tuple],
         prompt: str,
         *,
         system_prompt: str | None = None,

@@ -472,6 +472,20 @@ class _ChatApp:
             )
         return None
 
+    def _past_turns(self, done: Sequence[ChatTurn]) -> list[tuple]:
+        """The answered turns for the sampler; with their images when the model reads them.
+
+        The sampler compares them (content hashes) with its own turns, so an image turn is
+        reused from the cache, not re-encoded, as long as the page still shows it.
+        """
+        if not self.engine.supports_images:
+            return history_pairs(done)
+        return [
+            (t.user.text, t.answer, self.decode_attachments(t.user.files)["images"])
+            for t in done
+            if t.answer is not None
+        ]
+
     def decode_attachments(self, files: Sequence[str]) -> dict[str, list]:
         """A message's attachments as arrays by kind, for the sampler (see `Session.reply`)."""
         decoded: dict[str, list] = {"images": [], "audio": []}
@@ -537,7 +551,7 @@ class _ChatApp:
             yield self._refuse(history, pending, str(e))
             return
         reply = session.reply(
-            history_pairs(done), pending.text, system_prompt=system_prompt, sampling=sampling,
+            self._past_turns(done), pending.text, system_prompt=system_prompt, sampling=sampling,
             rng=settings.rng(), max_new_tokens=_as_int(max_new_tokens), media=attachments,
         )  # fmt: skip
         yield from self._stream(history, pending, reply, session)

@@ -179,7 +179,13 @@ def test_image_layout_literal(vision_engine):
 
 
 def test_images_rejected_by_text_models(demo_engine):
-    chat = demo_engine.new_chat(cache_length=256)
+    text_only = dataclasses.replace(
+        demo_engine,
+        config=dataclasses.replace(demo_engine.config, vision=None),
+        params={k: v for k, v in demo_engine.params.items() if k != "vision_encoder"},
+        supports_images=False,
+    )
+    chat = text_only.new_chat(cache_length=256)
     with pytest.raises(ValueError, match="does not accept images"):
         chat.chat("look", images=[np.zeros((8, 8, 3), np.uint8)])
     assert chat.turns == [] and chat.chat("still fine", max_new_tokens=2) is not None

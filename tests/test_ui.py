@@ -190,11 +190,11 @@ def test_generation_events_share_one_lane(demo_engine):
 def test_examples_come_from_assets_and_are_marked_by_what_the_model_reads(demo_engine):
     sets = {label: (examples, usable) for label, examples, usable in ui.example_sets(demo_engine)}
     assert sets["Try"][1] and all(not e["files"] for e in sets["Try"][0])
-    images, usable = sets["Images"]
-    assert not usable and {Path(e["files"][0]).name for e in images} >= {"shapes.png", "chart.png"}
+    images, usable = sets["Images"]  # the demo reads images (a toy SigLIP), not audio
+    assert usable and {Path(e["files"][0]).name for e in images} >= {"shapes.png", "chart.png"}
     assert not sets["Spoken questions"][1]
-    vision = dataclasses.replace(demo_engine, supports_images=True)
-    assert dict((label, usable) for label, _, usable in ui.example_sets(vision))["Images"]
+    text_only = dataclasses.replace(demo_engine, supports_images=False)
+    assert not dict((label, usable) for label, _, usable in ui.example_sets(text_only))["Images"]
 
 
 def test_attachments_are_decoded_by_kind_for_the_sampler(demo_engine):

@@ -160,10 +160,24 @@ def test_retry_undo_and_edit_keep_the_sampler_equal_to_the_visible_history(
     assert visible_pairs(chat.history) == [("Edited question.", chat.answer)]
 
 
-@pytest.mark.parametrize(
-    "name, what", [("shapes.png", "Images"), ("question_capital.wav", "Audio")]
-)
-def test_uploads_a_text_model_cannot_read_are_refused_whole(served, open_chat, name, what):
+def test_an_image_upload_gets_a_streamed_answer_and_stays_in_context(served, open_chat):
+    """The demo reads images: the upload is decoded, encoded and answered, then reused."""
+    app, url = served
+    chat = open_chat(url)
+    assert chat.add("What is in this picture?", [EXAMPLES / "shapes.png"]) == []
+    outputs, toasts = chat.respond(max_new_tokens=60)
+    answers = [chat.answer_of(history) for history, _, _ in outputs]
+    assert toasts == [] and answers[-1]
+    assert all(b.startswith(a) for a, b in zip(answers, answers[1:], strict=False))
+    session = app.registry.peek(chat.session_hash)
+    first_turn = session.sampler.turns[0]
+    assert len(first_turn.images) == 1 and first_turn.answer == answers[-1]
+    chat.send("And now?", max_new_tokens=8)  # the image turn is kept, not encoded again
+    assert session.sampler.turns[0] is first_turn and len(session.sampler.turns) == 2
+
+
+@pytest.mark.parametrize("name, what", [("question_capital.wav", "Audio")])
+def test_uploads_a_model_cannot_read_are_refused_whole(served, open_chat, name, what):
     app, url = served
     chat = open_chat(url)
     toasts = chat.add("What is this?", [EXAMPLES / name])

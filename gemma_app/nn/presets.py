@@ -233,6 +233,13 @@ def tiny_demo(num_embed: int = DEMO_VOCAB) -> TransformerConfig:
     )  # fmt: skip
 
 
+def tiny_demo_vision(num_embed: int = DEMO_VOCAB) -> TransformerConfig:
+    """The built-in demo with a toy SigLIP encoder, so image uploads work on any laptop."""
+    return dataclasses.replace(
+        tiny_demo(num_embed), name="demo-tiny-gemma3-vision", vision=tiny_vision()
+    )
+
+
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     "gemma1-2b": gemma1_2b,
     "gemma1-7b": gemma1_7b,
@@ -253,6 +260,7 @@ TINY_PRESETS: dict[str, Callable[..., TransformerConfig]] = {
     "tiny-gemma3": tiny_gemma3,
     "tiny-gemma3-vision": tiny_gemma3_vision,
     "demo": tiny_demo,
+    "demo-vision": tiny_demo_vision,
 }
 
 

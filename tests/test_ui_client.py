@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_media import png_header_only
 
 from gemma_app import ui
 
@@ -203,9 +204,10 @@ def _write(path: Path, data: bytes) -> Path:
         (lambda d: _write(d / "cut.png", (EXAMPLES / "shapes.png").read_bytes()[:300]), "corrupt"),
         (lambda d: _write(d / "notes.png", b"just some text, renamed"), "not an image file"),
         (lambda d: _write(d / "blank.jpg", b""), "is empty"),
+        (lambda d: _write(d / "bomb.png", png_header_only(30000, 30000)), "too many pixels"),
         (lambda d: _write(d / "noise.wav", b"RIFF" + bytes(100)), "not an audio file"),
     ],
-    ids=["truncated-image", "renamed-text", "empty-file", "corrupt-wav"],
+    ids=["truncated-image", "renamed-text", "empty-file", "30000x30000-header", "corrupt-wav"],
 )
 def test_bad_uploads_get_a_clear_warning(served, open_chat, tmp_path, make_file, expected):
     _, url = served
@@ -214,6 +216,7 @@ def test_bad_uploads_get_a_clear_warning(served, open_chat, tmp_path, make_file,
     assert [level for level, _ in toasts] == ["warning"]
     assert expected in toasts[0][1] and "Nothing was sent" in toasts[0][1]
     assert chat.history == []
+    assert chat.send("Still there?", max_new_tokens=4)  # the session carries on
 
 
 def test_an_oversized_upload_is_refused(served, open_chat, tmp_path):

@@ -38,7 +38,7 @@ class Settings:
 
     model: str = "demo"
     tokenizer: str | None = None
-    dtype: str | None = None
+    dtype: str = "auto"
     text_only: bool = False
     cache_length: int = 4096
     max_new_tokens: int = 512

@@ -1,0 +1,573 @@
+"""Benchmark harness (issue 5): our engine vs HF transformers vs `gemma` 3.3.0, one run, one table.
+
+Run by hand from the repository root (not part of the test suite):
+
+    source .venv/bin/activate
+    python bench/run.py                       # full CPU run: 270M and 1B, fp32/bf16/bf16-fp32
+    python bench/run.py --quick               # smoke test: 270M fp32, 8 tokens, 1 rep
+    python bench/run.py --models 1b --engines ours,hf --dtypes fp32
+    python bench/run.py --device gpu          # ours (+ HF on cuda if importable), 1B/4B bf16
+    python bench/run.py --render bench/out/<run>/results.json   # re-render, no measuring
+
+Every (engine, model, dtype) runs in its OWN subprocess (clean peak RSS and compile caches):
+  ours   bench/worker_ours.py   with this interpreter (the project venv)
+  hf     bench/worker_hf.py     with bench/.envs/ref/bin/python  (torch 2.13.0, transformers 5.23.0)
+  gemma  bench/worker_gemma.py  with bench/.envs/gemma/bin/python (gemma 3.3.0)
+A missing environment, an unsupported dtype, a crash or a timeout shows as "n/a" with the reason.
+bench/membw.py measures the memory bandwidth (before and after the workers) for the bound:
+bytes read per decode step (all weights in their storage dtype, the tied embedding included,
+plus the KV cache each engine reads) / the best measured read bandwidth.
+
+Outputs: a table on stdout; `bench/RESULTS.md` (or `bench/out/RESULTS-quick.md` with --quick);
+raw per-worker JSON and logs under bench/out/<timestamp>/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+ENGINES = ("ours", "hf", "gemma")
+ENGINE_NAMES = {
+    "ours": "ours (gemma_app)",
+    "hf": "HF transformers generate",
+    "gemma": "gemma 3.3.0",
+}
+WORKERS = {"ours": "worker_ours.py", "hf": "worker_hf.py", "gemma": "worker_gemma.py"}
+SUPPORTED_DTYPES = {"ours": {"fp32", "bf16", "bf16-fp32"}, "hf": {"fp32", "bf16"},
+                    "gemma": {"fp32", "bf16"}}  # fmt: skip
+# How much KV cache one decode step reads (see common.kv_bytes_per_token).
+KV_POLICY = {"ours": "chunk256", "hf": "used", "gemma": "cache"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--models", default=None, help="comma list of 270m,1b,4b")
+    ap.add_argument("--engines", default=None, help="comma list of ours,hf,gemma")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,bf16-fp32")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--long-prompt-tokens", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--cache-length", type=int, default=4096)
+    ap.add_argument("--timeout", type=int, default=None, help="seconds per worker")
+    ap.add_argument("--membw-gib", type=float, default=None)
+    ap.add_argument("--skip-membw", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke test: small and fast")
+    ap.add_argument("--hf-threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument(
+        "--ours-init",
+        choices=["leaf", "flax"],
+        default="leaf",
+        help="random weights leaf by leaf (default) or gemma_app's init_params",
+    )
+    ap.add_argument("--python-ours", default=sys.executable)
+    ap.add_argument("--python-hf", default=None, help="default bench/.envs/ref/bin/python")
+    ap.add_argument("--python-gemma", default=str(HERE / ".envs" / "gemma" / "bin" / "python"))
+    ap.add_argument("--out-dir", default=None, help="default bench/out/<timestamp>")
+    ap.add_argument("--results", default=None, help="markdown file to write")
+    ap.add_argument(
+        "--render",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="re-render saved results.json file(s) only (several are merged)",
+    )
+    a = ap.parse_args(argv)
+    gpu = a.device == "gpu"
+    a.models = (a.models or ("1b,4b" if gpu else "270m" if a.quick else "270m,1b")).split(",")
+    a.engines = (a.engines or ("ours,hf" if gpu else "ours,hf,gemma")).split(",")
+    a.dtypes = (a.dtypes or ("bf16" if gpu else "fp32" if a.quick else "fp32,bf16,bf16-fp32")
+                ).split(",")  # fmt: skip
+    for name, values, allowed in (("models", a.models, common.ARCH), ("engines", a.engines,
+                                  ENGINES), ("dtypes", a.dtypes, common.DTYPES)):  # fmt: skip
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            ap.error(f"--{name}: unknown {bad}; choose from {sorted(allowed)}")
+    a.reps = a.reps or (1 if a.quick else 3)
+    a.new_tokens = a.new_tokens or (8 if a.quick else 64)
+    a.long_prompt_tokens = a.long_prompt_tokens or (300 if a.quick else 1000)
+    a.timeout = a.timeout or (900 if a.quick else 2400)
+    a.membw_gib = a.membw_gib or (0.25 if a.quick else (4.0 if gpu else 1.0))
+    if a.python_hf is None:
+        ref = HERE / ".envs" / "ref" / "bin" / "python"
+        # On a GPU machine without our ref env, try the machine's own torch + transformers.
+        a.python_hf = str(ref) if ref.exists() or not gpu else sys.executable
+    if a.results is None:
+        a.results = str(HERE / "out" / "RESULTS-quick.md" if a.quick else HERE / "RESULTS.md")
+    return a
+
+
+class LoadSampler:
+    """Samples os.getloadavg() every `period` seconds in a background thread."""
+
+    def __init__(self, period: float = 10.0):
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period):
+        while not self._stop.is_set():
+            self.samples.append((time.time(), *os.getloadavg()))
+            self._stop.wait(period)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        one = [s[1] for s in self.samples]
+        return {"n": len(one), "min_1m": min(one), "max_1m": max(one),
+                "mean_1m": sum(one) / len(one)}  # fmt: skip
+
+
+def run_subprocess(cmd, log_path: pathlib.Path, timeout: float, env=None) -> dict:
+    """Runs `cmd` in a new session; returns rc, wall time, timeout flag and the child's peak RSS
+    (from wait4's rusage, so also for a crashed or killed child)."""
+    t0 = time.time()
+    load_before = os.getloadavg()
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)  # fmt: skip
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if not timed_out and time.time() - t0 > timeout:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "rc": proc.returncode, "wall_s": round(time.time() - t0, 1), "timed_out": timed_out,
+        "child_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "load_before": load_before, "load_after": os.getloadavg(), "log": str(log_path),
+    }  # fmt: skip
+
+
+def tail(path, n=6) -> str:
+    try:
+        lines = [ln for ln in pathlib.Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " / ".join(ln.strip().replace("|", "/") for ln in lines[-n:])[-600:]
+
+
+def run_membw(a, out_dir: pathlib.Path, tag: str) -> dict | None:
+    out = out_dir / f"membw-{tag}.json"
+    cmd = [a.python_ours, str(HERE / "membw.py"), "--gib", str(a.membw_gib), "--device",
+           a.device, "--out", str(out)] + (["--reps", "2"] if a.quick else [])  # fmt: skip
+    print(f"[membw {tag}] {shlex.join(cmd)}", flush=True)
+    info = run_subprocess(cmd, out_dir / f"membw-{tag}.log", 900)
+    if info["rc"] != 0 or not out.exists():
+        print(f"[membw {tag}] failed: {tail(info['log'])}", flush=True)
+        return None
+    res = json.loads(out.read_text())
+    res["command"] = shlex.join(
+        [os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd]
+    )
+    print(f"[membw {tag}] read bandwidth {res['read_gbs']:.1f} GB/s ({res['read_test']})")
+    return res
+
+
+def run_worker(a, engine, model, dtype, out_dir: pathlib.Path) -> dict:
+    row = {"engine": engine, "model": model, "dtype": dtype}
+    if dtype not in SUPPORTED_DTYPES[engine]:
+        return {**row, "status": "n/a (dtype not offered by this engine)"}
+    python = {"ours": a.python_ours, "hf": a.python_hf, "gemma": a.python_gemma}[engine]
+    if not pathlib.Path(python).exists():
+        return {**row, "status": f"n/a (no env: {os.path.relpath(python, ROOT)})"}
+    if engine == "gemma" and a.device == "gpu":
+        return {**row, "status": "n/a (gemma 3.3.0 is measured on CPU only)"}
+    stem = f"{engine}-{model}-{dtype}"
+    out = out_dir / f"{stem}.json"
+    cmd = [python, str(HERE / WORKERS[engine]), "--model", model, "--dtype", dtype,
+           "--prompt-tokens", str(a.prompt_tokens), "--long-prompt-tokens",
+           str(a.long_prompt_tokens), "--new-tokens", str(a.new_tokens), "--cache-length",
+           str(a.cache_length), "--reps", str(a.reps), "--device", a.device, "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
+               BENCH_OURS_INIT=a.ours_init)  # fmt: skip
+    if a.hf_threads:
+        env["BENCH_HF_THREADS"] = str(a.hf_threads)
+    print(f"[{stem}] start (timeout {a.timeout}s), load {os.getloadavg()[0]:.2f}", flush=True)
+    info = run_subprocess(cmd, out_dir / f"{stem}.log", a.timeout, env)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    row.update(data)
+    row["run"] = info
+    row["command"] = shlex.join([os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c
+                                 for c in cmd])  # fmt: skip
+    if data.get("phase") == "done" and info["rc"] == 0:
+        row["status"] = "ok"
+    elif info["timed_out"]:
+        row["status"] = f"timeout after {a.timeout}s in phase {data.get('phase', '?')}"
+    else:
+        row["status"] = f"error rc={info['rc']} in phase {data.get('phase', '?')}: " + tail(
+            info["log"], 3
+        )
+    print(f"[{stem}] {row['status']} in {info['wall_s']}s: stream {fmt(row.get('stream_tok_s'))}"
+          f" tok/s, loop {fmt(row.get('loop_tok_s'))} tok/s", flush=True)  # fmt: skip
+    return row
+
+
+# ---- derived figures and rendering --------------------------------------------------------
+
+
+def fmt(x, digits=2):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        if abs(x) >= 100:
+            return f"{x:.0f}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def bound_for(row, cfg, bw_gbs):
+    """(bytes per token, tok/s bound) for the bytes this row's engine reads per decode step."""
+    if bw_gbs is None:
+        return None, None
+    model, dtype = row["model"], row["dtype"]
+    param_bytes = (
+        row.get("param_bytes") or common.num_params(model) * common.NBYTES[common.DTYPES[dtype][0]]
+    )
+    attended = cfg["prompt_tokens"] + cfg["new_tokens"] // 2  # mean filled length in decode
+    policy = KV_POLICY[row["engine"]]
+    policy = str(cfg["cache_length"]) if policy == "cache" else policy
+    total = param_bytes + common.kv_bytes_per_token(model, dtype, attended, policy)
+    return total, bw_gbs * 1e9 / total
+
+
+def ok(row):
+    return row.get("status") == "ok" or any(
+        row.get(k) is not None for k in ("stream_tok_s", "loop_tok_s", "first_call_s")
+    )
+
+
+def rss(row):
+    return row.get("run", {}).get("child_peak_rss_mib") or row.get("peak_rss_mib")
+
+
+def device_peak(row) -> str:
+    peak = row.get("device_peak_mib")
+    return f"; GPU peak {fmt(peak, 0)}" if peak else ""
+
+
+def main_table(results) -> list[str]:
+    cfg, bw = results["config"], results.get("bandwidth_gbs")
+    head = ("| model | dtype (store/compute) | engine | stream tok/s | non-stream tok/s | "
+            "TTFT 100 (s) | TTFT {L} (s) | first call (s) | compile (s) | recompiles t2/t3 | "
+            "peak RSS (after init) MiB | bound tok/s | stream % of bound | status |").format(
+        L=cfg["long_prompt_tokens"])  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in results["rows"]:
+        if not ok(row):
+            lines.append(f"| {row['model']} | {row['dtype']} | {row['engine']} |" + " |" * 11
+                         + f" {row['status'].replace('|', '/')} |")  # fmt: skip
+            continue
+        nbytes, bound = bound_for(row, cfg, bw)
+        stream = row.get("stream_tok_s")
+        pct = f"{100 * stream / bound:.0f}%" if stream and bound else "n/a"
+        t2, t3 = row.get("compiles_turn2"), row.get("compiles_turn3")
+        recompiles = "n/a" if t2 is None else f"{t2}/{fmt(t3)}"
+        if row["engine"] == "hf":
+            recompiles = "eager (0/0)"
+        compile_s = row.get("compile_s")
+        compile_txt = "eager" if row["engine"] == "hf" else fmt(compile_s)
+        lines.append(
+            f"| {row['model']} | {row['dtype']} | {row['engine']} | {fmt(stream)} | "
+            f"{fmt(row.get('loop_tok_s'))} | {fmt(row.get('ttft_100_s'), 3)} | "
+            f"{fmt(row.get('ttft_long_s'), 3)} | {fmt(row.get('first_call_s'), 1)} | "
+            f"{compile_txt} | {recompiles} | {fmt(rss(row), 0)} "
+            f"({fmt(row.get('rss_after_init_mib'), 0)}){device_peak(row)} | {fmt(bound, 1)} | "
+            f"{pct} | "
+            f"{row['status']} |"
+        )
+    return lines
+
+
+def pick(results, engine, model, dtype=None):
+    for row in results["rows"]:
+        same = (row["engine"], row["model"]) == (engine, model) and dtype in (None, row["dtype"])
+        if same and ok(row):
+            yield row
+
+
+def best(rows, key):
+    rows = [r for r in rows if r.get(key)]
+    return max(rows, key=lambda r: r[key]) if rows else None
+
+
+def ratio(x, y):
+    return x / y if x and y else None
+
+
+def check(value, target, higher=True):
+    if value is None:
+        return "n/a"
+    good = value >= target if higher else value <= target
+    return "meets" if good else "MISSES"
+
+
+def targets(results) -> list[str]:
+    """The issue's target ratios, per model."""
+    cfg, bw = results["config"], results.get("bandwidth_gbs")
+    out = []
+    for model in cfg["models"]:
+        ours_best = best(pick(results, "ours", model), "stream_tok_s")
+        if ours_best is None:
+            continue
+        s = ours_best["stream_tok_s"]
+        out.append(f"\n**{model}** — our best streaming: {fmt(s)} tok/s "
+                   f"({ours_best['dtype']})\n")  # fmt: skip
+        out.append("| target | figure | ratio | verdict |")
+        out.append("|---|---|---|---|")
+        hf_rows = list(pick(results, "hf", model))
+        hf_dec = [(max(r.get("loop_tok_s") or 0, r.get("stream_tok_s") or 0), r) for r in hf_rows]
+        hf_dec = [x for x in hf_dec if x[0]]
+        if hf_dec:
+            v, r = max(hf_dec, key=lambda x: x[0])
+            q = ratio(s, v)
+            out.append(f"| stream ≥ 1.2× HF decode (best dtype each) | HF {fmt(v)} tok/s "
+                       f"({r['dtype']}, best of its generate and streamer) | {fmt(q)}× | "
+                       f"{check(q, 1.2)} |")  # fmt: skip
+        else:
+            out.append("| stream ≥ 1.2× HF decode | HF n/a | n/a | n/a |")
+        g = best(pick(results, "gemma", model), "stream_tok_s")
+        if g:
+            q = ratio(s, g["stream_tok_s"])
+            out.append(f"| stream ≥ 4× gemma 3.3.0 streaming (best dtype each) | gemma "
+                       f"{fmt(g['stream_tok_s'])} tok/s ({g['dtype']}) | {fmt(q)}× | "
+                       f"{check(q, 4)} |")  # fmt: skip
+        else:
+            out.append("| stream ≥ 4× gemma streaming | gemma n/a | n/a | n/a |")
+        for row in pick(results, "ours", model):
+            _, bound = bound_for(row, cfg, bw)
+            q = ratio(row.get("stream_tok_s"), bound)
+            out.append(f"| stream ≥ 80% of bandwidth bound ({row['dtype']}) | bound "
+                       f"{fmt(bound, 1)} tok/s | {fmt(100 * q if q else None, 0)}% | "
+                       f"{check(q, 0.8)} |")  # fmt: skip
+        for row in pick(results, "ours", model):
+            h = next(pick(results, "hf", model, row["dtype"]), None)
+            if h is None:  # bf16-fp32 has no HF twin: compare with HF's best TTFT
+                h = min((r for r in hf_rows if r.get("ttft_100_s")),
+                        key=lambda r: r["ttft_100_s"], default=None)  # fmt: skip
+            q = ratio(row.get("ttft_100_s"), h and h.get("ttft_100_s"))
+            out.append(f"| TTFT 100 ≤ HF's ({row['dtype']} vs HF {h['dtype'] if h else 'n/a'}) "
+                       f"| ours {fmt(row.get('ttft_100_s'), 3)} s, HF "
+                       f"{fmt(h.get('ttft_100_s') if h else None, 3)} s | {fmt(q)}× | "
+                       f"{check(q, 1.0, higher=False)} |")  # fmt: skip
+        for row in pick(results, "ours", model):
+            t2, t3 = row.get("compiles_turn2"), row.get("compiles_turn3")
+            zero = "meets" if (t2, t3) == (0, 0) else ("n/a" if t2 is None else "MISSES")
+            out.append(f"| 0 recompilations on turns 2, 3 ({row['dtype']}) | {t2}, {t3} | — | "
+                       f"{zero} |")  # fmt: skip
+        for row in pick(results, "ours", model):
+            g = next(pick(results, "gemma", model, row["dtype"]), None)
+            q = ratio(row.get("compile_s"), g and g.get("compile_s"))
+            out.append(f"| first-call compile ≤ 0.5× gemma's ({row['dtype']}) | ours "
+                       f"{fmt(row.get('compile_s'))} s, gemma "
+                       f"{fmt(g.get('compile_s') if g else None)} s (first call: ours "
+                       f"{fmt(row.get('first_call_s'), 1)} s, gemma "
+                       f"{fmt(g.get('first_call_s') if g else None, 1)} s) | {fmt(q)}× | "
+                       f"{check(q, 0.5, higher=False)} |")  # fmt: skip
+    return out
+
+
+def render(results) -> str:
+    cfg = results["config"]
+    m = results["machine"]
+    load = results.get("load", {})
+    versions = {}
+    for r in results["rows"]:
+        for k in ("jax", "torch", "transformers", "gemma"):
+            if r.get(k):
+                versions[k] = r[k]
+    lines = [
+        "# Benchmark results (issue 5)",
+        "",
+        f"Run {results['started']} → {results['finished']} ({results['wall_min']:.0f} min) "
+        f"on `{m.get('cpu', '?')}`, {m.get('cpu_count')} cores, {m.get('mem_total_gib')} GiB "
+        f"RAM, {m.get('platform')}.",
+        "",
+        f"**Load average** (os.getloadavg(), 1 min, sampled every 10 s during the run): min "
+        f"{fmt(load.get('min_1m'))}, mean {fmt(load.get('mean_1m'))}, max "
+        f"{fmt(load.get('max_1m'))}; at start {fmt(results['load_start'][0])}, at end "
+        f"{fmt(results['load_end'][0])}. "
+        + (
+            "The machine was shared with other jobs: absolute numbers are noisy. "
+            if (load.get("mean_1m") or 0) > 0.5 * (m.get("cpu_count") or 1)
+            else ""
+        ),
+        "",
+        f"Protocol: random weights, batch 1, greedy, {cfg['prompt_tokens']}-token chat-templated "
+        f"prompt, {cfg['new_tokens']} new tokens with end tokens forbidden (every run "
+        f"generates exactly that many), TTFT also for a {cfg['long_prompt_tokens']}-token "
+        f"prompt, cache length {cfg['cache_length']}, medians of {cfg['reps']} after a "
+        f"warm-up; device `{cfg['device']}`; XLA_FLAGS=`{cfg.get('xla_flags') or ''}`.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        "## Command",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        "## Memory bandwidth",
+        "",
+    ]
+    for tag in ("start", "end"):
+        bw = results.get(f"membw_{tag}")
+        if bw:
+            tests = ", ".join(f"{k} {v['gbs']:.1f}" for k, v in bw["tests"].items())
+            lines.append(f"- {tag}: {tests} GB/s (load {fmt(bw['loadavg'][0])}); "
+                         f"`{bw['command']}`")  # fmt: skip
+    bwv = results.get("bandwidth_gbs")
+    lines += [
+        "",
+        f"Bound bandwidth: **{fmt(bwv, 1)} GB/s** (best read-only median of both probes). "
+        "Bound tok/s = that / bytes read per decode step: every weight once in its STORAGE "
+        "dtype (the tied 262144-row embedding is read whole by the logits product) plus the KV "
+        "cache the engine reads at the mean decode length (ours: used 256-slot chunks, local "
+        "layers ≤ 768 slots; HF: used positions; gemma 3.3.0: the whole cache on every layer). "
+        "For bf16-fp32 the bound counts bf16 bytes (what an ideal kernel reads); an engine "
+        "that converts to fp32 each step moves more.",
+        "",
+        "## Results",
+        "",
+        *main_table(results),
+        "",
+        "Columns: *stream* = tokens/s from the gaps between streamed tokens (ours "
+        "`Sampler.generate`, HF `generate(streamer=)`, gemma `Sampler.sample(stream=True)`). "
+        "*non-stream* = decode tokens/s of one jitted loop / one `generate` call: ours "
+        "(N-1)/(generate_all e2e - prefill), HF (N-1)/(generate(N) - generate(1)), gemma "
+        "N/(ChatSampler.chat - prefill) as the anchor figures. *TTFT* = prefill to the first "
+        "token on the host (HF: generate(max_new_tokens=1); gemma: first streamed token, which "
+        "includes one decode step). *first call* = wall time of the process's first chat call "
+        "(ours `Engine.new_chat().chat`, gemma `ChatSampler.chat`, both 64 tokens; HF the first "
+        "`generate`); *compile* = JAX tracing + lowering + XLA compile seconds inside it (same "
+        "listener for ours and gemma). *recompiles t2/t3* = XLA compilations during chat turns "
+        "2 and 3 of a multi-turn chat. *peak RSS* = the worker process's ru_maxrss (random "
+        "weights included; ours and gemma make them leaf by leaf), in brackets the RSS right "
+        "after the weights exist.",
+        "",
+        "## Targets (ratios from this run)",
+        *targets(results),
+        "",
+        "## Per-worker commands",
+        "",
+        "```",
+        *[r["command"] for r in results["rows"] if r.get("command")],
+        "```",
+        "",
+        f"Raw JSON and logs: `{results['out_dir']}` (git-ignored).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def merge(runs: list[dict]) -> dict:
+    """One results dict from several runs (e.g. one device call per model): rows concatenated,
+    the best bandwidth, the load range over all of them."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    out["rows"] = [row for r in runs for row in r["rows"]]
+    out["command"] = "\n".join(r["command"] for r in runs)
+    out["config"] = dict(runs[0]["config"])
+    for key in ("models", "engines", "dtypes"):
+        out["config"][key] = list(dict.fromkeys(v for r in runs for v in r["config"][key]))
+    bws = [r.get("bandwidth_gbs") for r in runs if r.get("bandwidth_gbs")]
+    out["bandwidth_gbs"] = max(bws) if bws else None
+    loads = [r["load"] for r in runs if r.get("load")]
+    if loads:
+        out["load"] = {
+            "n": sum(x["n"] for x in loads), "min_1m": min(x["min_1m"] for x in loads),
+            "max_1m": max(x["max_1m"] for x in loads),
+            "mean_1m": sum(x["mean_1m"] * x["n"] for x in loads) / sum(x["n"] for x in loads),
+        }  # fmt: skip
+    out["started"], out["finished"] = runs[0]["started"], runs[-1]["finished"]
+    out["load_end"] = runs[-1]["load_end"]
+    out["wall_min"] = sum(r["wall_min"] for r in runs)
+    out["out_dir"] = ", ".join(r["out_dir"] for r in runs)
+    for tag in ("membw_start", "membw_end"):
+        out[tag] = next((r[tag] for r in runs if r.get(tag)), None)
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.render:
+        results = merge([json.loads(pathlib.Path(p).read_text()) for p in a.render])
+        print("\n".join(main_table(results)))
+        print("\n".join(targets(results)))
+        pathlib.Path(a.results).write_text(render(results))
+        print(f"wrote {a.results}")
+        return
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = pathlib.Path(a.out_dir or HERE / "out" / (stamp + ("-quick" if a.quick else "")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sampler = LoadSampler()
+    t0 = time.time()
+    keys = ("device", "models", "engines", "dtypes", "reps", "prompt_tokens",
+            "long_prompt_tokens", "new_tokens", "cache_length", "timeout", "quick",
+            "hf_threads", "ours_init")  # fmt: skip
+    config = {k: getattr(a, k) for k in keys}
+    config["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    results = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "machine": common.machine_info(),
+        "load_start": os.getloadavg(),
+        "out_dir": os.path.relpath(out_dir, ROOT),
+        "config": config,
+        "rows": [],
+    }
+    # The shared tokenizer for the chat phases (ours and gemma), built once up front.
+    subprocess.run([a.python_ours, str(HERE / "fake_tokenizer.py")], cwd=ROOT, check=False)
+    if not a.skip_membw:
+        results["membw_start"] = run_membw(a, out_dir, "start")
+    for model in a.models:
+        for dtype in a.dtypes:
+            for engine in a.engines:
+                results["rows"].append(run_worker(a, engine, model, dtype, out_dir))
+                (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if not a.skip_membw:
+        results["membw_end"] = run_membw(a, out_dir, "end")
+    bws = [results[k]["read_gbs"] for k in ("membw_start", "membw_end") if results.get(k)]
+    results["bandwidth_gbs"] = max(bws) if bws else None
+    results["load"] = sampler.stop()
+    results["load_samples"] = sampler.samples
+    results["load_end"] = os.getloadavg()
+    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["wall_min"] = (time.time() - t0) / 60
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    text = render(results)
+    print()
+    print("\n".join(main_table(results)))
+    print("\n".join(targets(results)))
+    pathlib.Path(a.results).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(a.results).write_text(text)
+    print(f"\nwrote {a.results} and {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -265,6 +265,13 @@ def rss(row):
     return row.get("run", {}).get("child_peak_rss_mib") or row.get("peak_rss_mib")
 
 
+def row_load(row) -> str:
+    run = row.get("run") or {}
+    if not run.get("load_before"):
+        return "n/a"
+    return f"{run['load_before'][0]:.1f}→{run['load_after'][0]:.1f}"
+
+
 def device_peak(row) -> str:
     peak = row.get("device_peak_mib")
     return f"; GPU peak {fmt(peak, 0)}" if peak else ""
@@ -272,17 +279,17 @@ def device_peak(row) -> str:
 
 def main_table(results) -> list[str]:
     cfg, bw = results["config"], results.get("bandwidth_gbs")
-    head = ("| model | dtype (store/compute) | engine | stream tok/s | non-stream tok/s | "
+    head = ("| model | dtype | engine | stream tok/s | non-stream tok/s | "
             "TTFT 100 (s) | TTFT {L} (s) | first call (s) | compile (s) | recompiles t2/t3 | "
-            "peak RSS (after init) MiB | bound tok/s | stream % of bound | status |").format(
+            "peak RSS (after init) MiB | bound tok/s | stream % of bound | load | status |").format(
         L=cfg["long_prompt_tokens"])  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in results["rows"]:
         if not ok(row):
-            lines.append(f"| {row['model']} | {row['dtype']} | {row['engine']} |" + " |" * 11
+            lines.append(f"| {row['model']} | {row['dtype']} | {row['engine']} |" + " |" * (head.count("|") - 5)
                          + f" {row['status'].replace('|', '/')} |")  # fmt: skip
             continue
-        nbytes, bound = bound_for(row, cfg, bw)
+        _, bound = bound_for(row, cfg, bw)
         stream = row.get("stream_tok_s")
         pct = f"{100 * stream / bound:.0f}%" if stream and bound else "n/a"
         t2, t3 = row.get("compiles_turn2"), row.get("compiles_turn3")
@@ -297,8 +304,7 @@ def main_table(results) -> list[str]:
             f"{fmt(row.get('ttft_long_s'), 3)} | {fmt(row.get('first_call_s'), 1)} | "
             f"{compile_txt} | {recompiles} | {fmt(rss(row), 0)} "
             f"({fmt(row.get('rss_after_init_mib'), 0)}){device_peak(row)} | {fmt(bound, 1)} | "
-            f"{pct} | "
-            f"{row['status']} |"
+            f"{pct} | {row_load(row)} | {row['status']} |"
         )
     return lines
 
@@ -467,7 +473,9 @@ def render(results) -> str:
         "listener for ours and gemma). *recompiles t2/t3* = XLA compilations during chat turns "
         "2 and 3 of a multi-turn chat. *peak RSS* = the worker process's ru_maxrss (random "
         "weights included; ours and gemma make them leaf by leaf), in brackets the RSS right "
-        "after the weights exist.",
+        "after the weights exist. *load* = 1-minute load average when the worker started → "
+        "ended. *dtype*: fp32; bf16 (stored and computed in bf16); bf16-fp32 (stored bf16, "
+        "computed fp32).",
         "",
         "## Targets (ratios from this run)",
         *targets(results),

@@ -89,6 +89,14 @@ def parse_args(argv=None):
         metavar="RESULTS_JSON",
         help="re-render saved results.json file(s) only (several are merged)",
     )
+    ap.add_argument("--notes", default=None, help="with --render: markdown file to include")
+    ap.add_argument(
+        "--supplement",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="with --render: runs shown as extra sections after the main one",
+    )
     a = ap.parse_args(argv)
     gpu = a.device == "gpu"
     a.models = (a.models or ("1b,4b" if gpu else "270m" if a.quick else "270m,1b")).split(",")
@@ -397,7 +405,7 @@ def targets(results) -> list[str]:
     return out
 
 
-def render(results) -> str:
+def render(results, supplements=None, notes=None) -> str:
     cfg = results["config"]
     m = results["machine"]
     load = results.get("load", {})
@@ -431,10 +439,16 @@ def render(results) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
+        *([notes.rstrip(), ""] if notes else []),
         "## Command",
         "",
         "```",
         results["command"],
+        *(
+            [f"# this file rendered with: {results['render_command']}"]
+            if results.get("render_command")
+            else []
+        ),
         "```",
         "",
         "## Memory bandwidth",
@@ -464,8 +478,8 @@ def render(results) -> str:
         "Columns: *stream* = tokens/s from the gaps between streamed tokens (ours "
         "`Sampler.generate`, HF `generate(streamer=)`, gemma `Sampler.sample(stream=True)`). "
         "*non-stream* = decode tokens/s of one jitted loop / one `generate` call: ours "
-        "(N-1)/(generate_all e2e - prefill), HF (N-1)/(generate(N) - generate(1)), gemma "
-        "N/(ChatSampler.chat - prefill) as the anchor figures. *TTFT* = prefill to the first "
+        "(N-1)/(time of `generate_all` after a synced prefill), HF (N-1)/(generate(N) - "
+        "generate(1)), gemma N/(ChatSampler.chat - prefill) as the anchor figures. *TTFT* = prefill to the first "
         "token on the host (HF: generate(max_new_tokens=1); gemma: first streamed token, which "
         "includes one decode step). *first call* = wall time of the process's first chat call "
         "(ours `Engine.new_chat().chat`, gemma `ChatSampler.chat`, both 64 tokens; HF the first "
@@ -489,7 +503,39 @@ def render(results) -> str:
         f"Raw JSON and logs: `{results['out_dir']}` (git-ignored).",
         "",
     ]
+    for extra in supplements or ():
+        lines += supplement_section(extra)
     return "\n".join(lines)
+
+
+def supplement_section(results) -> list[str]:
+    """Another run (e.g. a rerun in a quiet window) rendered after the main one."""
+    load, cfg = results.get("load", {}), results["config"]
+    bws = ", ".join(
+        f"{tag} {results[f'membw_{tag}']['read_gbs']:.1f}"
+        for tag in ("start", "end")
+        if results.get(f"membw_{tag}")
+    )
+    return [
+        f"## Supplementary run, {results['started']} ({results['wall_min']:.0f} min)",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"Load average (1 min) during it: min {fmt(load.get('min_1m'))}, mean "
+        f"{fmt(load.get('mean_1m'))}, max {fmt(load.get('max_1m'))}. Read bandwidth: {bws} "
+        f"GB/s → bound bandwidth {fmt(results.get('bandwidth_gbs'), 1)} GB/s. Same protocol "
+        f"({cfg['new_tokens']} tokens, medians of {cfg['reps']}).",
+        "",
+        *main_table(results),
+        "",
+        "Targets from this run:",
+        *targets(results),
+        "",
+        f"Raw JSON and logs: `{results['out_dir']}`.",
+        "",
+    ]
 
 
 def merge(runs: list[dict]) -> dict:
@@ -525,9 +571,13 @@ def main(argv=None):
     a = parse_args(argv)
     if a.render:
         results = merge([json.loads(pathlib.Path(p).read_text()) for p in a.render])
+        argv_ = [os.path.relpath(sys.argv[0], ROOT), *(argv if argv is not None else sys.argv[1:])]
+        results["render_command"] = "python " + shlex.join(argv_)
         print("\n".join(main_table(results)))
         print("\n".join(targets(results)))
-        pathlib.Path(a.results).write_text(render(results))
+        extra = [json.loads(pathlib.Path(p).read_text()) for p in a.supplement or ()]
+        notes = pathlib.Path(a.notes).read_text() if a.notes else None
+        pathlib.Path(a.results).write_text(render(results, extra, notes))
         print(f"wrote {a.results}")
         return
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -1,7 +1,9 @@
-"""Model configuration: one frozen dataclass describes every Gemma 1/2/3 text decoder.
+"""Model configuration: one frozen dataclass describes every Gemma 1/2/3/4 text decoder.
 
-`VisionConfig` describes the Gemma 3 SigLIP image encoder; a `TransformerConfig` with
-`vision=None` is text-only (`dataclasses.replace(config, vision=None)` drops the encoder).
+`VisionConfig` describes the Gemma 3 SigLIP image encoder, `Gemma4VisionConfig` the Gemma 4
+variable-aspect ViT and `AudioConfig` the Gemma 4 conformer; a `TransformerConfig` with
+`vision=None` / `audio=None` is text-only (`dataclasses.replace(config, vision=None)` drops
+the encoder).
 
 Values that can be derived (number of layers, query scale, whether Q/K/V share one einsum)
 are properties, not stored fields, so a preset cannot contradict itself.
@@ -101,8 +103,98 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Gemma4VisionConfig:
+    """Architecture of the Gemma 4 variable-aspect ViT (spec §7.2-7.3).
+
+    Images keep their aspect ratio: they are resized to multiples of
+    `patch_size * pooling_kernel` px so that at most `max_soft_tokens` soft tokens come out,
+    cut into `patch_size` patches with 2-D positions, and pooled `pooling_kernel` x
+    `pooling_kernel` by position.
+
+    Attributes:
+      width: ViT width d_v (768 on E2B/E4B, 1152 on 31B/26B); also the soft-token width.
+      depth: encoder blocks (16 / 27).
+      num_heads: attention heads.
+      head_dim: per-head width (64 / 72).
+      mlp_dim: GeGLU hidden width (3072 / 4304).
+      patch_size: side of one patch in pixels (16).
+      pooling_kernel: side of the position-based pooling window (3).
+      position_embedding_size: rows of the factorized position table (10240).
+      max_soft_tokens: soft-token budget per image (280).
+      rope_base: base of the 2-D RoPE (100).
+      use_clipped_linears: every linear clips its input and output to learned bounds (E2B/E4B).
+      standardize: `(x - bias) * scale` on the pooled tokens (31B/26B).
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    patch_size: int = 16
+    pooling_kernel: int = 3
+    position_embedding_size: int = 10_240
+    max_soft_tokens: int = 280
+    rope_base: float = 100.0
+    use_clipped_linears: bool = False
+    standardize: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AudioConfig:
+    """Architecture of the Gemma 4 (E2B/E4B) conformer audio encoder (spec §8).
+
+    Attributes:
+      width: conformer width (1024).
+      depth: conformer layers (12).
+      num_heads: attention heads (8 x 128).
+      ffn_dim: hidden width of the macaron feed-forward halves (4096).
+      conv_kernel: causal depthwise convolution width (5).
+      subsampling_channels: channels of the two stride-2 convolutions (128, 32).
+      num_mel_bins: log-mel features per frame (128).
+      chunk_size / context_left / context_right: local attention blocks and their context.
+      logit_cap: attention logit soft-cap (50).
+      output_dim: width of the encoder output before the text-side projection (1536).
+      use_clipped_linears: every linear clips its input and output to learned bounds.
+      sample_rate: expected waveform rate in Hz (16000).
+      max_tokens: soft tokens per clip at most (750, about 30 s).
+    """
+
+    width: int = 1024
+    depth: int = 12
+    num_heads: int = 8
+    ffn_dim: int = 4096
+    conv_kernel: int = 5
+    subsampling_channels: tuple[int, int] = (128, 32)
+    num_mel_bins: int = 128
+    chunk_size: int = 12
+    context_left: int = 13
+    context_right: int = 0
+    logit_cap: float = 50.0
+    output_dim: int = 1536
+    use_clipped_linears: bool = True
+    sample_rate: int = 16_000
+    max_tokens: int = 750
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The Gemma 4 26B-A4B mixture of experts that runs beside each layer's dense MLP.
+
+    Attributes:
+      num_experts: experts per layer (128).
+      top_k: experts each token is routed to (8).
+      expert_hidden_dim: GeGLU hidden width of one expert (704).
+    """
+
+    num_experts: int
+    top_k: int
+    expert_hidden_dim: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
-    """Architecture of a Gemma 1/2/3 text decoder.
+    """Architecture of a Gemma 1/2/3/4 text decoder.
 
     Attributes:
       name: preset name, e.g. "gemma3-1b".
@@ -123,7 +215,25 @@ class TransformerConfig:
       transpose_gating_einsum: MLP gate stored as (2, F, D) instead of (2, D, F).
       local_base_frequency / global_base_frequency: RoPE bases of local / global layers.
       local_scale_factor / global_scale_factor: RoPE positions are divided by this factor.
-      vision: the SigLIP image encoder (Gemma 3 4B/12B/27B), or None for a text-only model.
+      vision: the image encoder (Gemma 3 4B/12B/27B: SigLIP; Gemma 4: `Gemma4VisionConfig`),
+        or None for a text-only model.
+
+    Gemma 4 only (family 4; spec §1.4). Norms there are `normed * scale` (no `1 +`), there is
+    a value norm, no query scaling (`query_pre_attn_scalar=1.0`) and a learned per-layer
+    `skip_scale`; these follow from `family` and are not separate fields.
+      global_head_dim: head width of global layers (512); None = `head_dim`.
+      num_global_kv_heads: KV heads of global layers; None = `num_kv_heads`.
+      global_rope_proportion: fraction of the rotation pairs RoPE turns on global layers (0.25).
+      k_eq_v: global layers have one `k_einsum` used for both keys and values (31B, 26B).
+      per_layer_input_dim: width of the per-layer embeddings (PLE, 256 on E2B/E4B); 0 = none.
+      num_kv_shared_layers: the last this-many layers reuse the KV cache of the last earlier
+        layer of the same attention type (E2B: 20, E4B: 18).
+      shared_layer_hidden_dim: MLP width of the KV-shared layers when it differs from
+        `hidden_dim` (E2B's "double-wide" 12288); None = `hidden_dim`.
+      moe: mixture of experts beside the dense MLP (26B-A4B), or None.
+      bidirectional_vision: soft tokens of one image see each other on local layers (31B,
+        26B); otherwise Gemma 4 attention is purely causal.
+      audio: the conformer audio encoder (E2B/E4B), or None.
     """
 
     name: str
@@ -147,7 +257,17 @@ class TransformerConfig:
     global_base_frequency: int = 10_000
     local_scale_factor: float = 1.0
     global_scale_factor: float = 1.0
-    vision: VisionConfig | None = None
+    vision: VisionConfig | Gemma4VisionConfig | None = None
+    global_head_dim: int | None = None
+    num_global_kv_heads: int | None = None
+    global_rope_proportion: float = 1.0
+    k_eq_v: bool = False
+    per_layer_input_dim: int = 0
+    num_kv_shared_layers: int = 0
+    shared_layer_hidden_dim: int | None = None
+    moe: MoEConfig | None = None
+    bidirectional_vision: bool = False
+    audio: AudioConfig | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

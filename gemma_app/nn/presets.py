@@ -15,6 +15,8 @@ from gemma_app.nn.config import (
     GEMMA2_PATTERN,
     GEMMA3_PATTERN,
     AttentionType,
+    AudioConfig,
+    Gemma4VisionConfig,
     TransformerConfig,
     VisionConfig,
     make_attention_layers_types,
@@ -93,6 +95,40 @@ def gemma3_vision() -> VisionConfig:
         image_size=896, patch_size=14, width=1152, depth=27, mlp_dim=4304, num_heads=16,
         num_mm_tokens_per_image=256,
     )  # fmt: skip
+
+
+def gemma4_vision_small() -> Gemma4VisionConfig:
+    """The E2B/E4B image encoder: 768 wide, 16 blocks, clipped linears (spec §2.1)."""
+    return Gemma4VisionConfig(
+        width=768, depth=16, num_heads=12, head_dim=64, mlp_dim=3072, use_clipped_linears=True
+    )
+
+
+def gemma4_vision_large() -> Gemma4VisionConfig:
+    """The 31B/26B-A4B image encoder: 1152 wide, 27 blocks, standardized output."""
+    return Gemma4VisionConfig(
+        width=1152, depth=27, num_heads=16, head_dim=72, mlp_dim=4304, standardize=True
+    )
+
+
+def gemma4_audio() -> AudioConfig:
+    """The E2B/E4B conformer: 12 layers of 1024, 8 heads, output 1536 (spec §8)."""
+    return AudioConfig()
+
+
+def tiny_gemma4_vision() -> Gemma4VisionConfig:
+    """A toy Gemma 4 ViT with the real patch (16) and pooling (3) sizes and a 36-token budget."""
+    return Gemma4VisionConfig(
+        width=32, depth=2, num_heads=2, head_dim=16, mlp_dim=64, position_embedding_size=128,
+        max_soft_tokens=36, use_clipped_linears=True,
+    )  # fmt: skip
+
+
+def tiny_gemma4_audio() -> AudioConfig:
+    """A toy conformer with the real mel features, subsampling and attention context."""
+    return AudioConfig(
+        width=32, depth=2, num_heads=2, ffn_dim=64, subsampling_channels=(8, 4), output_dim=48
+    )
 
 
 def gemma1_2b() -> TransformerConfig:

@@ -37,7 +37,24 @@ weights; text bf16, vision values exact in bf16 so every layout holds the same n
                                     float32, whose transformers vision tower output and logits
                                     are known
 
-config.json files are written literally (hf_map has no config -> config.json direction).
+Gemma 4 (`make_gemma4(root)`, tests/test_ckpt_gemma4.py; not part of `make_all`), with the
+text weights of the HF golden tests/golden/tiny-gemma4*.npz (float32, exact) and random toy
+encoders (`tiny_gemma4_vision`, `tiny_gemma4_audio`):
+
+    orbax/tiny-gemma4/<LAYOUT>/     FLAT (dense MLP as `mlp/gating_einsum/w` dicts, encoders
+                                    under `vision_encoder/...`, `audio_encoder/...`), NESTED,
+                                    KAULDRON; FLAT-bf16 (everything bf16 on disk);
+                                    NESTED-root (under a `transformer` root, norms spelled
+                                    `_query_norm` / `_key_norm`)
+    orbax/tiny-gemma4-moe/<LAYOUT>/ NESTED (MoE leaves `mlp/gating_einsum/w` ...), FLAT, STACKED
+    hf/tiny-gemma4/                 Gemma4ForConditionalGeneration (text + vision + audio)
+    hf/tiny-gemma4-moe/             Gemma4ForCausalLM (`model.` prefix, text only)
+    kaggle_cache/                   google/gemma-4/flax/gemma-4-e2b-it/1: FLAT checkpoint at the
+                                    download root (spec §3, unverified) + tokenizer.model
+                                    (assets/tokenizer_gemma4.model), "tiny-gemma4" sized for it
+
+config.json files are written literally (hf_map has no config -> config.json direction); the
+Gemma 4 ones were checked to load in transformers 5.23 (`Gemma4Config`, strict state dict).
 """
 
 from __future__ import annotations
@@ -55,7 +72,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script
 
 from gemma_app.ckpt import hf as hf_io  # noqa: E402
-from gemma_app.ckpt import kaggle, layouts, orbax_io  # noqa: E402
+from gemma_app.ckpt import hf_map4, kaggle, layouts, orbax_io  # noqa: E402
 from gemma_app.ckpt.hf_map import (  # noqa: E402
     param_shapes,
     params_to_hf,
@@ -304,6 +321,140 @@ def make_all(root: pathlib.Path) -> Fixtures:
     return fx
 
 
+# --- Gemma 4 -----------------------------------------------------------------------------
+
+TOKENIZER_GEMMA4 = ROOT / "assets" / "tokenizer_gemma4.model"
+# tiny-gemma4 cannot be STACKED: its KV-shared layers have a wider MLP than the layers at the
+# same place in the attention pattern (as E2B's); tiny-gemma4-moe can.
+GEMMA4_LAYOUTS = {
+    "tiny-gemma4": (layouts.FLAT, layouts.NESTED, layouts.KAULDRON),
+    "tiny-gemma4-moe": (layouts.NESTED, layouts.FLAT, layouts.STACKED),
+}
+KAGGLE_GEMMA4_HANDLE = "google/gemma-4/flax/gemma-4-e2b-it"
+_ROPE4 = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                       "rope_theta": 1000000.0},
+}  # fmt: skip
+TINY_GEMMA4_TEXT = {  # presets.tiny_gemma4() as a Gemma4TextConfig
+    "model_type": "gemma4_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+    "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "global_head_dim": 32, "layer_types": [L, L, L, G] * 2, "sliding_window": 4,
+    "final_logit_softcapping": 30.0, "rope_parameters": _ROPE4,
+    "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 256,
+    "num_kv_shared_layers": 3, "use_double_wide_mlp": True,
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06, "tie_word_embeddings": True,
+}  # fmt: skip
+TINY_GEMMA4_CONFIG = {
+    "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
+    "text_config": TINY_GEMMA4_TEXT,
+    "vision_config": {
+        "model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "head_dim": 16, "patch_size": 16, "pooling_kernel_size": 3,
+        "position_embedding_size": 128, "use_clipped_linears": True, "standardize": False,
+    },
+    "audio_config": {
+        "model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "subsampling_conv_channels": [128, 4],
+        "conv_kernel_size": 5, "output_proj_dims": 48, "use_clipped_linears": True,
+    },
+    "tie_word_embeddings": True, "dtype": "float32",
+}  # fmt: skip
+TINY_GEMMA4_MOE_CONFIG = {  # presets.tiny_gemma4_moe() text-only, as a Gemma4ForCausalLM
+    "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "vocab_size": 256,
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32,
+    "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+    "layer_types": [L, L, L, L, L, G], "sliding_window": 4, "final_logit_softcapping": 30.0,
+    "rope_parameters": _ROPE4, "hidden_size_per_layer_input": 0,
+    "enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
+    "moe_intermediate_size": 16, "use_bidirectional_attention": "vision",
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": True, "dtype": "float32",
+}  # fmt: skip
+
+
+def gemma4_encoders(config: TransformerConfig, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 encoder leaves of `config` (image and audio + their projections), each
+    exact in bfloat16 so that bf16 files hold the same numbers; clip bounds are wide."""
+    rng = np.random.default_rng(seed)
+    rules = [*hf_map4.vision_rules(config)]
+    rules += hf_map4.audio_rules(config) if config.audio is not None else []
+    flat = {}
+    for rule in rules:
+        value = 0.5 * rng.standard_normal(rule.our_shape, np.float32)
+        if "clip_" in rule.ours:  # scalars: min < 0 < max, as trained bounds are
+            sign = -1.0 if rule.ours.endswith("_min") else 1.0
+            value = sign * (1.0 + np.abs(value))
+        flat[rule.ours] = np.asarray(value, ml_dtypes.bfloat16).astype(np.float32)  # 0-d too
+    return flat
+
+
+def _underscore_norms(flat: dict) -> dict:
+    return {p.replace("/query_norm/", "/_query_norm/").replace("/key_norm/", "/_key_norm/"): v
+            for p, v in flat.items()}  # fmt: skip
+
+
+def write_gemma4(fx: Fixtures) -> None:
+    """tiny-gemma4 (+ encoders) and tiny-gemma4-moe in the orbax layouts and as HF dirs."""
+    for preset, encoder_seed in (("tiny-gemma4", 11), ("tiny-gemma4-moe", 12)):
+        config = get_preset(preset)
+        text = {p: v.astype(np.float32) for p, v in golden_params(preset).items()}
+        flat = fx.params[preset] = {**text, **gemma4_encoders(config, encoder_seed)}
+        pattern_len = layouts.pattern_length(config.attention_types)
+        for layout in GEMMA4_LAYOUTS[preset]:
+            path = fx.root / "orbax" / preset / layout
+            orbax_io.save(path, flat, layout, pattern_len=pattern_len)
+            fx.orbax[f"{preset}/{layout}"] = path
+    flat = fx.params["tiny-gemma4"]
+    path = fx.orbax["tiny-gemma4/FLAT-bf16"] = fx.root / "orbax" / "tiny-gemma4" / "FLAT-bf16"
+    orbax_io.save(
+        path, {p: np.asarray(v, ml_dtypes.bfloat16) for p, v in flat.items()}, layouts.FLAT
+    )
+    path = fx.orbax["tiny-gemma4/NESTED-root"] = fx.root / "orbax" / "tiny-gemma4" / "NESTED-root"
+    import orbax.checkpoint as ocp
+
+    tree = {"transformer": unflatten_params(_underscore_norms(flat))}
+    ocp.PyTreeCheckpointer().save(path, tree)
+
+    config = get_preset("tiny-gemma4")
+    state = hf_map4.to_hf(flat, config, vision=True, audio=True)
+    fx.hf["tiny-gemma4"] = fx.root / "hf" / "tiny-gemma4"
+    hf_io.save(fx.hf["tiny-gemma4"], state, TINY_GEMMA4_CONFIG, shards=2)
+    moe = get_preset("tiny-gemma4-moe")
+    state = hf_map4.to_hf(fx.params["tiny-gemma4-moe"], moe, prefix="model.")
+    fx.hf["tiny-gemma4-moe"] = fx.root / "hf" / "tiny-gemma4-moe"
+    hf_io.save(fx.hf["tiny-gemma4-moe"], state, TINY_GEMMA4_MOE_CONFIG)
+
+
+def write_kaggle_gemma4(fx: Fixtures) -> None:
+    """google/gemma-4/flax/gemma-4-e2b-it/1 as spec §3 describes it: the orbax checkpoint at
+    the download root next to tokenizer.model; tiny-gemma4 sized for the Gemma 4 tokenizer."""
+    config = presets.tiny_gemma4(num_embed=4096)
+    rng = np.random.default_rng(13)
+    text = {p: (0.5 * rng.standard_normal(s, np.float32)) for p, s in param_shapes(config).items()}
+    flat = fx.params["kaggle-gemma4"] = {
+        p: v.astype(ml_dtypes.bfloat16).astype(np.float32)
+        for p, v in {**text, **gemma4_encoders(config, 14)}.items()
+    }
+    files = fx.root / "kaggle_gemma4_files"
+    orbax_io.save(
+        files, {p: np.asarray(v, ml_dtypes.bfloat16) for p, v in flat.items()}, layouts.FLAT
+    )
+    shutil.copy(TOKENIZER_GEMMA4, files / "tokenizer.model")
+    fx.kaggle_cache = fx.kaggle_cache or fx.root / "kaggle_cache"
+    kaggle.install_into_cache(fx.kaggle_cache, KAGGLE_GEMMA4_HANDLE, KAGGLE_VERSION, files)
+
+
+def make_gemma4(root: pathlib.Path) -> Fixtures:
+    """Writes only the Gemma 4 fixtures under `root` (tests/test_ckpt_gemma4.py); ~3 s."""
+    fx = Fixtures(root=pathlib.Path(root))
+    write_gemma4(fx)
+    write_kaggle_gemma4(fx)
+    return fx
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=pathlib.Path, help="a new (or empty) directory")
@@ -311,7 +462,8 @@ def main() -> None:
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"{args.out} is not empty")
     fx = make_all(args.out)
-    for name, path in {**fx.orbax, **fx.hf}.items():
+    gemma4 = make_gemma4(args.out)
+    for name, path in {**fx.orbax, **fx.hf, **gemma4.orbax, **gemma4.hf}.items():
         print(f"{name:28s} {path}")
     handles = f"{KAGGLE_HANDLE}/1, {KAGGLE_VISION_HANDLE}/1"
     print(f"{'kaggle cache':28s} {fx.kaggle_cache}  (KAGGLEHUB_CACHE; handles {handles})")

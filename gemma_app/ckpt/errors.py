@@ -47,7 +47,7 @@ class CorruptCheckpointError(WeightsError):
 
 
 class UnsupportedModelError(WeightsError):
-    """A real Gemma checkpoint this engine cannot run yet (Gemma 4, int4, an unknown encoder)."""
+    """A real Gemma checkpoint this engine cannot run (int4, an unknown encoder, no preset)."""
 
 
 class CheckpointMismatchError(WeightsError, ValueError):

@@ -7,6 +7,10 @@ one is read. Sharded checkpoints (`model.safetensors.index.json`) are supported.
 `text_only=False` a `Gemma3ForConditionalGeneration` checkpoint also gives its SigLIP tower and
 projector (`hf_map.hf_vision_tensors_to_params`), converted to float32.
 
+Gemma 4 (`Gemma4ForConditionalGeneration` / `Gemma4ForCausalLM`) goes through `hf_map4`'s
+rules the same way: one leaf at a time, every name and shape checked first, and with
+`text_only=False` the image and audio towers + projections as float32.
+
 A repo id (`google/gemma-3-1b-it`) is fetched with `huggingface_hub.snapshot_download`
 (token from `HF_TOKEN` or `huggingface-cli login`; gated repos need the licence accepted on
 their page). Tests exercise local directories only.
@@ -24,7 +28,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from gemma_app.ckpt import errors, hf_map, layouts, validate
+from gemma_app.ckpt import errors, hf_config4, hf_map, hf_map4, layouts, validate
 from gemma_app.ckpt.errors import brief
 from gemma_app.ckpt.progress import ProgressFn, format_bytes
 from gemma_app.nn.config import TransformerConfig
@@ -56,6 +60,8 @@ def read_config(model_dir: pathlib.Path) -> TransformerConfig:
     """Our config for a HF directory (named "hf-gemma1/2/3", see `hf_map.config_from_hf`)."""
     config_json = read_config_json(model_dir)
     try:
+        if hf_config4.is_gemma4(config_json):
+            return hf_config4.config_from_hf(config_json)
         return hf_map.config_from_hf(config_json)
     except (ValueError, KeyError, TypeError) as error:
         raise errors.UnsupportedModelError(
@@ -113,7 +119,16 @@ def _reader(index: Mapping[str, tuple[pathlib.Path, tuple[int, ...]]]):
 
 def has_vision(index: Mapping[str, Any]) -> bool:
     """True if the checkpoint (its `tensor_index`) holds vision-tower or projector tensors."""
-    return hf_map.has_hf_vision(index)
+    return hf_map.has_hf_vision(index) or any(n.startswith("model.embed_vision.") for n in index)
+
+
+def has_audio(index: Mapping[str, Any]) -> bool:
+    """True if the checkpoint (its `tensor_index`) holds Gemma 4 audio-tower tensors."""
+    return any(n.startswith((hf_map4.AUDIO_PREFIX, "model.embed_audio.")) for n in index)
+
+
+def _is_encoder_leaf(path: str) -> bool:
+    return layouts.is_vision_path(path) or layouts.is_audio_path(path)
 
 
 def load_params(
@@ -143,6 +158,8 @@ def load_params(
     index = tensor_index(model_dir) if index is None else index
     shapes = {name: shape for name, (_, shape) in index.items()}
     read = _reader(index)
+    if config.family == 4:
+        return _load_gemma4(shapes, read, config, dtype, progress, label, text_only)
     load_vision = validate.loads_vision(config, text_only)
     hf_map.check_hf_tensors(shapes, read, config, vision=load_vision)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -166,6 +183,44 @@ def load_params(
         params["vision_encoder"] = tower["vision_encoder"]
         params["embedder"].update(tower["embedder"])
     return params
+
+
+def _load_gemma4(shapes, read, config, dtype, progress: ProgressFn, label: str, text_only: bool):
+    """`load_params` for Gemma 4: `hf_map4` rules, checked first, converted leaf by leaf."""
+    vision, audio = (
+        validate.loads_vision(config, text_only),
+        validate.loads_audio(config, text_only),
+    )
+    prefix, problems = hf_map4.check(shapes, config, vision=vision, audio=audio)
+    if prefix is None:
+        raise errors.CheckpointMismatchError("Not a Gemma 4 text checkpoint", problems)
+    embedding = f"{prefix}embed_tokens.weight"
+    if (
+        "lm_head.weight" in shapes
+        and not any(embedding in p for p in problems)
+        and not np.array_equal(read("lm_head.weight"), read(embedding))
+    ):
+        problems.append("lm_head.weight differs from embed_tokens: our model ties them")
+    if problems:
+        raise errors.CheckpointMismatchError(
+            f"HF checkpoint does not match {config.name}", problems
+        )
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    rules = hf_map4.rules(config, vision=vision, audio=audio)
+
+    def target(path: str) -> np.dtype:
+        return validate.VISION_DTYPE if _is_encoder_leaf(path) else np.dtype(dtype)
+
+    total = sum(int(np.prod(r.our_shape)) * target(r.ours).itemsize for r in rules) or 1
+    done, flat = 0, {}
+    progress(f"Loading {label} weights ({format_bytes(total)})", 0.0)
+    for rule in rules:
+        arrays = [read(hf_map4.hf_name(name, prefix)) for name in rule.hf]
+        leaf = hf_map4.convert_rule(rule, arrays)
+        flat[rule.ours] = jax.device_put(leaf.astype(target(rule.ours), copy=False), sharding)
+        done += flat[rule.ours].nbytes
+        progress(f"Loading {label} weights: {format_bytes(done)}", done / total)
+    return hf_map.unflatten_params(flat)
 
 
 def snapshot(repo_id: str, progress: ProgressFn) -> pathlib.Path:

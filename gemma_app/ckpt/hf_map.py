@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from gemma_app.ckpt import hf_map4
 from gemma_app.ckpt.errors import CheckpointMismatchError
 from gemma_app.nn.config import AttentionType, TransformerConfig, VisionConfig
 
@@ -167,7 +168,10 @@ def hf_param_shapes(config: TransformerConfig, prefix: str = "model.") -> dict[s
 
 
 def param_shapes(config: TransformerConfig) -> dict[str, tuple]:
-    """Every leaf of our tree for `config`, as flat '/'-joined paths, with its shape."""
+    """Every text-decoder leaf of our tree for `config`, as flat '/'-joined paths, with its
+    shape (Gemma 4: from `hf_map4.text_rules`)."""
+    if config.family == 4:
+        return {r.ours: r.our_shape for r in hf_map4.text_rules(config)}
     return {r.ours: r.our_shape for r in _rules(config)}
 
 

@@ -167,24 +167,34 @@ def _restore_orbax(
     layout, found = sources or _read_sources(ckpt)
     what = f"{layout} checkpoint {ckpt}"
     plan = validate.match_sources(found, config, dtype, text_only=text_only, what=what)
-    vision_dtypes = {p: validate.VISION_DTYPE for p, _ in plan if layouts.is_vision_path(p)}
-    return orbax_io.restore(ckpt, plan, dtype, progress, label=config.name, dtypes=vision_dtypes)
+    encoder_dtypes = {p: validate.VISION_DTYPE for p, _ in plan if _is_encoder_leaf(p)}
+    return orbax_io.restore(ckpt, plan, dtype, progress, label=config.name, dtypes=encoder_dtypes)
+
+
+def _is_encoder_leaf(path: str) -> bool:
+    """Image / audio encoder leaves and their projections: restored in float32."""
+    return layouts.is_vision_path(path) or layouts.is_audio_path(path)
 
 
 def _with_or_without_vision(
-    config: TransformerConfig, has_vision: bool, text_only: bool, what: str
+    config: TransformerConfig,
+    has_vision: bool,
+    text_only: bool,
+    what: str,
+    *,
+    has_audio: bool = False,
 ) -> TransformerConfig:
-    """What `load_engine` fills: `config` with its image encoder, unless text_only or the
-    checkpoint holds no image-encoder weights at all (then text-only, with a warning)."""
-    if text_only or config.vision is None:
+    """What `load_engine` fills: `config` with its encoders, unless text_only or the
+    checkpoint holds no weights of an encoder (that one is dropped, with a warning)."""
+    if text_only:
         return validate.text_config(config)
-    if not has_vision:
-        logger.warning(
-            "%s holds no image-encoder weights: loading %s text-only (no image input).",
-            what,
-            config.name,
-        )
-        return validate.text_config(config)
+    for field, present, kind in (("vision", has_vision, "image"), ("audio", has_audio, "audio")):
+        if getattr(config, field) is not None and not present:
+            logger.warning(
+                "%s holds no %s-encoder weights: loading %s without %s input.",
+                what, kind, config.name, kind,
+            )  # fmt: skip
+            config = dataclasses.replace(config, **{field: None})
     return config
 
 
@@ -261,7 +271,9 @@ def _kaggle_engine(
     config = presets.get_preset(variant.preset) if variant else None
     # The download holds the image encoder whether it is loaded or not (~2 bytes/parameter).
     expected = (
-        param_bytes(config, jnp.bfloat16) + vision_bytes(config, jnp.bfloat16) if config else None
+        param_bytes(config, jnp.bfloat16) + validate.encoder_bytes(config, jnp.bfloat16)
+        if config
+        else None
     )
     root = kaggle.download(ref, report.span(0.0, 0.5), expected_bytes=expected)
     ckpt = orbax_io.find_checkpoint_dir(root, variant.checkpoint_dir if variant else "")
@@ -324,7 +336,9 @@ def _hf_engine(
     config = hf.read_config(model_dir)
     tok = _load_tokenizer(tokenizer or model_dir / TOKENIZER_FILE, config)
     index = hf.tensor_index(model_dir)
-    config = _with_or_without_vision(config, hf.has_vision(index), text_only, str(model_dir))
+    config = _with_or_without_vision(
+        config, hf.has_vision(index), text_only, str(model_dir), has_audio=hf.has_audio(index)
+    )
     progress = report.span(start, 1.0)
     params = hf.load_params(
         model_dir, config, dtype=dtype, progress=progress, label=name, text_only=False, index=index
@@ -345,10 +359,12 @@ def _orbax_engine(
     """Config (given, or inferred from the shapes) and tokenizer are checked before any read."""
     layout, sources = _read_sources(ckpt)
     has_vision = bool(validate.vision_paths(sources))
+    has_audio = bool(validate.audio_paths(sources))
     if config is None:
-        config = _infer_config(ckpt, sources, with_vision=has_vision and not text_only)
+        wanted = (has_vision or has_audio) and not text_only
+        config = _infer_config(ckpt, sources, with_vision=wanted)
     tok = _load_tokenizer(tokenizer, config)
-    config = _with_or_without_vision(config, has_vision, text_only, str(ckpt))
+    config = _with_or_without_vision(config, has_vision, text_only, str(ckpt), has_audio=has_audio)
     flat = _restore_orbax(ckpt, config, dtype, progress, text_only=False, sources=(layout, sources))
     validate.check_restored(flat, config, dtype, text_only=False)
     return _engine(name, config, unflatten_params(flat), tok, dtype)
@@ -359,9 +375,9 @@ def _infer_config(
 ) -> TransformerConfig:
     """The architecture of an unnamed local checkpoint, from its shapes.
 
-    The text decoder must match a preset (its vocabulary may differ). The image encoder, when
-    present and wanted, is the preset's own (Gemma 3 4B+, so that wrong shapes are listed
-    against it), or else the `VisionConfig` its shapes describe.
+    The text decoder must match a preset (its vocabulary may differ). The encoders, when
+    wanted, are the preset's own (Gemma 3 4B+, Gemma 4, so that wrong shapes are listed
+    against them), or else the image encoder is the `VisionConfig` its shapes describe.
     """
     text = validate.text_shapes(sources)
     found = validate.infer_preset(text)
@@ -373,8 +389,9 @@ def _infer_config(
     key, config = found
     if not with_vision:
         return config
-    vc = presets.get_preset(key).vision
-    if vc is None:
+    full = presets.get_preset(key)
+    vc = full.vision
+    if vc is None and validate.vision_paths(sources):
         vision_shapes = {p: s.shape for p, s in sources.items() if layouts.is_vision_path(p)}
         vc = validate.infer_vision_config(vision_shapes)
         if vc is None:
@@ -383,7 +400,7 @@ def _infer_config(
                 f"{ckpt}: its {len(names)} image-encoder weights ({names[0]}, ...) do not form a "
                 "Gemma 3 SigLIP encoder. Load it text-only (text_only=True, --text-only)."
             )
-    return dataclasses.replace(config, vision=vc)
+    return dataclasses.replace(config, vision=vc, audio=full.audio)
 
 
 def _load_tokenizer(path: pathlib.Path, config: TransformerConfig) -> Tokenizer:
@@ -421,6 +438,7 @@ def _engine(
     # it saves on XLA:CPU, and on accelerators bf16 is the right compute dtype anyway.
     compute = jnp.float32 if dtype == np.dtype(jnp.float32) else jnp.bfloat16
     images = config.vision is not None and "vision_encoder" in params
+    audio = config.audio is not None and "audio_encoder" in params
     return Engine(
         name=name,
         config=config,
@@ -428,4 +446,5 @@ def _engine(
         tokenizer=tokenizer,
         dtype=compute,
         supports_images=images,
+        supports_audio=audio,
     )

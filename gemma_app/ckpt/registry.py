@@ -7,6 +7,12 @@ the orbax checkpoint in a sub-directory named after the variation (`gemma3-4b-it
 the loader does not rely on their sub-directory name (it also finds a lone checkpoint
 directory, or one at the root).
 
+Gemma 4 (E2B, E4B, 31B, 26B-A4B; pt and it) is UNVERIFIED: Google's docs only say Flax
+checkpoints "will be updated on Kaggle when possible" (spec §3). The handles
+`google/gemma-4/flax/gemma-4-{e2b,e4b,31b,26b-a4b}[-it]`, the orbax checkpoint at the download
+root and `tokenizer.model` next to it come from third-party code. A Gemma 4 variant is
+supported once its preset (`gemma4-e2b`, ...) exists in `gemma_app.nn.presets.PRESETS`.
+
 A version is pinned with `name@N` (or `name/N`, or a full `owner/model/framework/variation/N`
 handle). kagglehub asks the Kaggle API for the newest version of an unpinned handle on every
 start, even when the files are cached; a pinned one starts offline from the cache.
@@ -58,7 +64,12 @@ class Variant:
 
     @property
     def supported(self) -> bool:
-        return self.preset is not None
+        """The engine has this architecture (its preset is registered)."""
+        from gemma_app.nn import presets  # late: presets grow while families are added
+
+        return self.preset is not None and (
+            self.preset in presets.PRESETS or self.preset in presets.TINY_PRESETS
+        )
 
 
 def kaggle_model_page(handle: str) -> str:
@@ -106,13 +117,14 @@ def _gemma3(size: str, tuned: str) -> Variant:
 
 
 def _gemma4(size: str, tuned: str) -> Variant:
-    # No Gemma 4 architecture in the engine yet: listed so the app can say so before a
-    # multi-GB download. Third-party code puts the orbax checkpoint at the download root.
+    # Unverified (see the module docstring): third-party code puts the orbax checkpoint at
+    # the download root, next to tokenizer.model. Every size has the image encoder; E2B/E4B
+    # also the audio encoder (both loaded unless text_only).
     return Variant(
         name=f"gemma4-{size}{tuned}",
         family=4,
         handle=f"google/gemma-4/flax/gemma-4-{size}{tuned}",
-        preset=None,
+        preset=f"gemma4-{size}",
         instruction_tuned=bool(tuned),
         checkpoint_dir="",
         multimodal=True,

@@ -6,10 +6,12 @@ problem. When the shapes fit another preset ("a gemma3-4b checkpoint loaded as g
 the error says so; `infer_config` uses the same comparison to pick the architecture of a
 local checkpoint that comes without a name.
 
-Vision loading (`text_only=False` on a config with `vision`) adds the Gemma 3 image encoder:
-every `vision_encoder/...` leaf of `vision.abstract_params(config.vision)` and the two
-`embedder/mm_*` leaves of `vision.mm_embedder_shapes`, all float32 whatever the text dtype
-(the encoder runs in float32, and the reference casts the projection + norm to float32).
+Encoder loading (`text_only=False`) adds the encoders `config` has: the image encoder
+(Gemma 3 SigLIP: `vision.abstract_params` + the two `embedder/mm_*` leaves of
+`vision.mm_embedder_shapes`; Gemma 4: `vision4.abstract_params` + `vision4.mm_embedder_shapes`)
+and the Gemma 4 audio encoder (`audio.abstract_params` + `audio.audio_embedder_shapes`), all
+float32 whatever the text dtype (the encoders run in float32, and the reference casts the
+projections to float32).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from gemma_app.ckpt import hf_map, layouts
 from gemma_app.ckpt.errors import CheckpointMismatchError, UnsupportedModelError
 from gemma_app.nn import presets, vision
-from gemma_app.nn.config import TransformerConfig, VisionConfig
+from gemma_app.nn.config import Gemma4VisionConfig, TransformerConfig, VisionConfig
 from gemma_app.nn.transformer import abstract_params
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -43,15 +45,26 @@ def text_shapes(sources: Mapping[str, layouts.Source]) -> dict[str, tuple[int, .
 
 
 def text_config(config: TransformerConfig) -> TransformerConfig:
-    """`config` without its image encoder (`vision=None`): what text-only loading fills."""
-    if getattr(config, "vision", None) is None:
+    """`config` without its encoders (`vision=None`, `audio=None`): what text-only loading
+    fills."""
+    if config.vision is None and config.audio is None:
         return config
-    return dataclasses.replace(config, vision=None)
+    return dataclasses.replace(config, vision=None, audio=None)
 
 
 def loads_vision(config: TransformerConfig, text_only: bool) -> bool:
     """True when a load fills the image encoder: asked for, and `config` has one."""
     return not text_only and getattr(config, "vision", None) is not None
+
+
+def loads_audio(config: TransformerConfig, text_only: bool) -> bool:
+    """True when a load fills the Gemma 4 audio encoder: asked for, and `config` has one."""
+    return not text_only and getattr(config, "audio", None) is not None
+
+
+def audio_paths(paths: Iterable[str]) -> list[str]:
+    """The audio-encoder leaves (`layouts.is_audio_path`) among `paths`, sorted."""
+    return sorted(p for p in paths if layouts.is_audio_path(p))
 
 
 def vision_paths(paths: Iterable[str]) -> list[str]:
@@ -100,12 +113,20 @@ def _candidates(vocab: int | None) -> list[tuple[str, TransformerConfig]]:
     return candidates
 
 
+def _spelled(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    return {layouts.spelling_key(p): tuple(s) for p, s in shapes.items()}
+
+
 def infer_preset(shapes: Shapes) -> tuple[str, TransformerConfig] | None:
-    """(preset key, config) whose parameter shapes equal `shapes` (vocab may differ), or None."""
+    """(preset key, config) whose parameter shapes equal `shapes` (vocab may differ), or None.
+
+    Norm spellings (`_query_norm` / `query_norm`) do not matter (`layouts.spelling_key`).
+    """
     embedding = shapes.get("embedder/input_embedding")
     vocab = embedding[0] if embedding else None
+    wanted = _spelled(shapes)
     for key, config in _candidates(vocab):
-        if hf_map.param_shapes(config) == dict(shapes):
+        if _spelled(hf_map.param_shapes(config)) == wanted:
             return key, config
     return None
 
@@ -147,15 +168,40 @@ def _targets(config: TransformerConfig, dtype: np.dtype) -> dict[str, jax.ShapeD
     return hf_map.flatten_params(abstract_params(config, dtype))
 
 
+def _encoder_targets(
+    root: str, tree: Mapping, embedder: Mapping[str, tuple[int, ...]]
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """An encoder's tree under `root/` plus its embedder leaves, as float32 targets."""
+    if set(tree) == {root}:  # a module whose own tree starts at its root name
+        tree = tree[root]
+    flat = {f"{root}/{path}": leaf for path, leaf in hf_map.flatten_params(tree).items()}
+    flat = {p: jax.ShapeDtypeStruct(leaf.shape, VISION_DTYPE) for p, leaf in flat.items()}
+    for path, shape in embedder.items():
+        flat[path] = jax.ShapeDtypeStruct(tuple(shape), VISION_DTYPE)
+    return flat
+
+
 @functools.lru_cache(maxsize=8)
 def _vision_targets(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Every vision leaf of `config` (encoder tree + embedder `mm_*`) as float32 targets."""
-    vc = config.vision
-    tree = hf_map.flatten_params(vision.abstract_params(vc, VISION_DTYPE))
-    flat = {f"vision_encoder/{path}": leaf for path, leaf in tree.items()}
-    for path, shape in vision.mm_embedder_shapes(vc, config.embed_dim).items():
-        flat[path] = jax.ShapeDtypeStruct(shape, VISION_DTYPE)
-    return flat
+    vc, d = config.vision, config.embed_dim
+    if isinstance(vc, Gemma4VisionConfig):
+        from gemma_app.nn import vision4  # the Gemma 4 ViT (its own module)
+
+        tree, embedder = vision4.abstract_params(vc), vision4.mm_embedder_shapes(vc, d)
+    else:
+        tree, embedder = vision.abstract_params(vc, VISION_DTYPE), vision.mm_embedder_shapes(vc, d)
+    return _encoder_targets(layouts.VISION_ROOT, tree, embedder)
+
+
+@functools.lru_cache(maxsize=8)
+def _audio_targets(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every audio leaf of `config` (conformer + `embedder/audio_input_projection`), float32."""
+    from gemma_app.nn import audio  # the Gemma 4 conformer
+
+    ac = config.audio
+    embedder = audio.audio_embedder_shapes(ac, config.embed_dim)
+    return _encoder_targets(layouts.AUDIO_ROOT, audio.abstract_params(ac), embedder)
 
 
 def targets(
@@ -163,12 +209,14 @@ def targets(
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """Our path -> target shape and dtype of every leaf a load fills.
 
-    The text decoder in `dtype`; with `loads_vision(config, text_only)` also the image encoder
-    and the embedder `mm_*` leaves in float32.
+    The text decoder in `dtype`; with `text_only=False` also the encoders `config` has (image:
+    `loads_vision`, audio: `loads_audio`) and their embedder projections, in float32.
     """
     flat = dict(_targets(config, np.dtype(dtype)))
     if loads_vision(config, text_only):
         flat.update(_vision_targets(config))
+    if loads_audio(config, text_only):
+        flat.update(_audio_targets(config))
     return flat
 
 
@@ -180,11 +228,26 @@ def vision_bytes(config: TransformerConfig, dtype=VISION_DTYPE) -> int:
     return count * np.dtype(dtype).itemsize
 
 
-def _integer_leaves(sources: Mapping[str, layouts.Source], load_vision: bool) -> list[str]:
+def audio_bytes(config: TransformerConfig, dtype=VISION_DTYPE) -> int:
+    """Bytes of the audio encoder + projection of `config` stored as `dtype` (0 without one)."""
+    if getattr(config, "audio", None) is None:
+        return 0
+    count = sum(int(np.prod(t.shape)) for t in _audio_targets(config).values())
+    return count * np.dtype(dtype).itemsize
+
+
+def encoder_bytes(config: TransformerConfig, dtype=VISION_DTYPE) -> int:
+    """Bytes of every encoder + projection of `config` stored as `dtype`."""
+    return vision_bytes(config, dtype) + audio_bytes(config, dtype)
+
+
+def _integer_leaves(
+    sources: Mapping[str, layouts.Source], load_vision: bool, load_audio: bool
+) -> list[str]:
     return [
         f"{path} ({source.dtype})"
         for path, source in sources.items()
-        if not layouts.is_skipped(path, load_vision=load_vision)
+        if not layouts.is_skipped(path, load_vision=load_vision, load_audio=load_audio)
         and not jnp.issubdtype(source.dtype, jnp.floating)
     ]
 
@@ -203,8 +266,8 @@ def match_sources(
       sources: our path -> Source, from `layouts.canonical_sources`.
       config: the architecture to load into.
       dtype: the target dtype (on-disk floating dtypes are cast to it).
-      text_only: skip encoder weights (`layouts.is_skipped`). With text_only=False and
-        `config.vision` set, the image encoder is loaded too and checked leaf by leaf.
+      text_only: skip encoder weights (`layouts.is_skipped`). With text_only=False the
+        encoders of `config` (`vision`, `audio`) are loaded too and checked leaf by leaf.
       what: how the message names the checkpoint.
 
     Returns:
@@ -215,25 +278,30 @@ def match_sources(
       CheckpointMismatchError: missing, unexpected or wrongly shaped leaves, all listed
         (text and image encoder together).
     """
-    load_vision = loads_vision(config, text_only)
-    if integers := _integer_leaves(sources, load_vision):
+    load_vision, load_audio = loads_vision(config, text_only), loads_audio(config, text_only)
+    if integers := _integer_leaves(sources, load_vision, load_audio):
         raise UnsupportedModelError(
             f"{what} stores integer weights ({', '.join(integers[:3])}): quantized "
             "checkpoints (e.g. the '-int4' Kaggle variants) are not supported; use the bf16 one."
         )
     wanted = targets(config, dtype, text_only=text_only)
+    spelled = {layouts.spelling_key(p): p for p in sources}  # `_query_norm` == `query_norm`
+    used = set()
     problems: dict[str, str] = {}  # our path -> problem
     plan = []
     for path, target in wanted.items():
-        source, shape = sources.get(path), tuple(target.shape)
+        found = spelled.get(layouts.spelling_key(path))
+        used.add(found)
+        source, shape = sources.get(found), tuple(target.shape)
         if source is None:
             problems[path] = f"missing {path} (expected {shape})"
         elif source.shape != shape:
             problems[path] = f"{path}: checkpoint has {source.shape}, model expects {shape}"
         else:
             plan.append((path, source))
+    skip = functools.partial(layouts.is_skipped, load_vision=load_vision, load_audio=load_audio)
     for path, source in sources.items():
-        if path not in wanted and not layouts.is_skipped(path, load_vision=load_vision):
+        if path not in used and not skip(path):
             problems[path] = f"unexpected {path} {source.shape}"
     if problems:
         raise mismatch(f"{what} does not match {config.name}", problems, text_shapes(sources))
@@ -243,11 +311,14 @@ def match_sources(
 def mismatch(what: str, problems: Mapping[str, str], shapes: Shapes) -> CheckpointMismatchError:
     """The error for `problems` (our path -> line), all listed.
 
-    When only image-encoder leaves are wrong the message says how to skip them; otherwise it
+    When only encoder leaves are wrong the message says how to skip them; otherwise it
     names the preset the text weights look like (`shapes`), if any.
     """
     if all(layouts.is_vision_path(path) for path in problems):
         what += " (image encoder only: load text-only, text_only=True or --text-only, to skip it)"
+        return CheckpointMismatchError(what, list(problems.values()))
+    if all(layouts.is_encoder_path(path) for path in problems):
+        what += " (encoders only: load text-only, text_only=True or --text-only, to skip them)"
         return CheckpointMismatchError(what, list(problems.values()))
     return CheckpointMismatchError(what, list(problems.values()), looks_like=looks_like(shapes))
 

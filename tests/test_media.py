@@ -165,6 +165,99 @@ def test_resample_keeps_frequency_and_length():
     assert media.resample(same, 16_000, 16_000) is not None
 
 
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x[500:-500], dtype=np.float64))))  # edges aside
+
+
+def test_resample_keeps_a_1khz_tone_exactly():
+    out = media.resample(tone(1.0, 44_100, freq=1000), 44_100, 16_000)  # 0.5 * sin
+    assert out.size == 16_000 and out.dtype == np.float32
+    expected = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(16_000) / 16_000)
+    assert np.abs(out - expected)[500:-500].max() < 1e-4  # measured 4.5e-6
+    assert abs(peak_hz(out, 16_000) - 1000) < 1.5
+
+
+@pytest.mark.parametrize("freq", [8_200, 9_000, 15_000])
+def test_resample_removes_tones_above_the_new_nyquist(freq):
+    out = media.resample(tone(1.0, 44_100, freq=freq), 44_100, 16_000)
+    assert rms(out) < 1e-3 * rms(tone(1.0, 44_100, freq=freq))  # no alias left (> 60 dB)
+
+
+def test_upsampling_adds_no_images():
+    out = media.resample(tone(1.0, 8_000, freq=3_000), 8_000, 16_000)
+    spectrum = np.abs(np.fft.rfft(out[500:-500]))
+    freqs = np.fft.rfftfreq(out.size - 1000, 1 / 16_000)
+    assert abs(freqs[np.argmax(spectrum)] - 3_000) < 20
+    assert spectrum[freqs > 4_500].max() < 1e-3 * spectrum.max()  # the 5 kHz image is gone
+
+
+def test_stereo_44k_int16_wav_becomes_mono_16k_float(tmp_path):
+    path = tmp_path / "stereo.wav"
+    left, right = tone(1.0, 44_100, freq=1000), tone(1.0, 44_100, freq=1000)
+    sf.write(path, np.stack([left, right * 0.5], axis=1), 44_100, subtype="PCM_16")
+    samples = media.load_audio(path)
+    assert samples.dtype == np.float32 and samples.shape == (16_000,)
+    assert abs(rms(samples) - 0.75 * 0.5 / np.sqrt(2)) < 1e-3  # the channels' mean
+    assert abs(peak_hz(samples, 16_000) - 1000) < 1.5
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+def test_every_sample_type_decodes_to_the_same_level(tmp_path, subtype):
+    path = tmp_path / f"{subtype}.wav"
+    sf.write(path, tone(0.5, 16_000), 16_000, subtype=subtype)
+    samples = media.load_audio(path)
+    np.testing.assert_allclose(
+        samples, tone(0.5, 16_000), atol=1e-2 if subtype == "PCM_U8" else 1e-4
+    )
+
+
+def test_float_audio_past_full_scale_is_scaled_down(tmp_path):
+    path = tmp_path / "hot.wav"
+    sf.write(path, 4 * tone(0.5, 16_000), 16_000, subtype="FLOAT")  # peak 2.0
+    samples = media.load_audio(path)
+    assert abs(np.abs(samples).max() - 1.0) < 1e-3
+    np.testing.assert_allclose(samples, tone(0.5, 16_000) * 2, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "fmt, subtype, suffix", [("FLAC", "PCM_16", "flac"), ("OGG", "VORBIS", "ogg")]
+)
+def test_flac_and_ogg_round_trip_at_16k(tmp_path, fmt, subtype, suffix):
+    path = tmp_path / f"clip.{suffix}"
+    wave = tone(1.0, 16_000, freq=700)
+    sf.write(path, wave, 16_000, format=fmt, subtype=subtype)
+    samples = media.load_audio(path)
+    assert samples.shape == (16_000,)
+    if fmt == "FLAC":  # lossless: only the 16-bit quantisation
+        assert np.abs(samples - wave).max() <= 1 / 32768 + 1e-7
+    else:  # lossy, but the tone and its level survive
+        assert abs(peak_hz(samples, 16_000) - 700) < 1.5 and abs(rms(samples) - rms(wave)) < 0.02
+
+
+@pytest.mark.skipif("MP3" not in sf.available_formats(), reason="libsndfile < 1.1: no MP3")
+def test_mp3_decodes(tmp_path):
+    path = tmp_path / "clip.mp3"
+    sf.write(path, tone(1.0, 44_100, freq=500, channels=2), 44_100, format="MP3")
+    samples = media.load_audio(path)
+    assert abs(samples.size - 16_000) < 1_200  # MP3 adds encoder delay / padding
+    assert abs(peak_hz(samples, 16_000) - 500) < 2
+
+
+def test_mp3_without_libsndfile_support_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "clip.mp3"
+    path.write_bytes(b"ID3" + bytes(100))
+    monkeypatch.setattr(sf, "available_formats", lambda: {"WAV": "WAV"})
+    with pytest.raises(MediaError, match="MP3 needs libsndfile 1.1 or newer"):
+        media.load_audio(path)
+
+
+def test_too_short_clips_are_refused(tmp_path):
+    path = tmp_path / "blip.wav"
+    sf.write(path, tone(0.05, 16_000), 16_000)
+    with pytest.raises(MediaError, match=r"too short \(50 ms\)"):
+        media.load_audio(path)
+
+
 def test_long_clips_are_refused(tmp_path):
     path = tmp_path / "long.wav"
     sf.write(path, np.zeros(31 * 8000, np.float32), 8000)

@@ -60,8 +60,8 @@ def official_tree(cfg) -> dict[str, tuple[int, ...]]:
     return tree
 
 
-@pytest.mark.parametrize("name", sorted(presets.PRESETS))
-def test_preset_tree_and_param_count(name):
+@pytest.mark.parametrize("name", sorted(n for n in presets.PRESETS if "gemma4" not in n))
+def test_preset_tree_and_param_count(name):  # Gemma 4: tests/test_gemma4.py
     cfg = presets.get_preset(name)
     shapes = {"/".join(k): v.shape for k, v in flatten_dict(abstract_params(cfg)).items()}
     assert shapes == official_tree(cfg)

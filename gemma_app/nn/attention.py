@@ -27,9 +27,18 @@ _NEG = -1e30  # finite, so a fully masked chunk never produces inf - inf = nan
 LayerCache = dict[str, jax.Array]
 
 
-def init_layer_cache(config: TransformerConfig, batch: int, length: int, dtype) -> LayerCache:
-    """Zeros `{"k", "v"}` of shape [B, S, K, H]; `length` must be a multiple of CACHE_CHUNK."""
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
+def init_layer_cache(
+    config: TransformerConfig,
+    batch: int,
+    length: int,
+    dtype,
+    attn_type: AttentionType = AttentionType.LOCAL_SLIDING,
+) -> LayerCache:
+    """Zeros `{"k", "v"}` of shape [B, S, K, H]; `length` must be a multiple of CACHE_CHUNK.
+
+    K and H are those of `attn_type` layers (Gemma 4 global layers differ from local ones).
+    """
+    shape = (batch, length, config.layer_kv_heads(attn_type), config.layer_head_dim(attn_type))
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

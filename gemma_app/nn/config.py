@@ -124,6 +124,11 @@ class Gemma4VisionConfig:
       rope_base: base of the 2-D RoPE (100).
       use_clipped_linears: every linear clips its input and output to learned bounds (E2B/E4B).
       standardize: `(x - bias) * scale` on the pooled tokens (31B/26B).
+
+    The encoder always sees `max_patches = max_soft_tokens * pooling_kernel**2` patches per
+    image (real ones first, then padding) and pools them to `max_soft_tokens` cells, so the
+    output length follows the budget (transformers' `output_length = patches // k**2`); the
+    reference library's fixed `output_length=280` with a 1120 budget (spec §7.3) cannot happen.
     """
 
     width: int
@@ -139,6 +144,35 @@ class Gemma4VisionConfig:
     use_clipped_linears: bool = False
     standardize: bool = False
 
+    def __post_init__(self):
+        problems = []
+        if self.head_dim % 4:
+            problems.append(f"head_dim={self.head_dim} is not a multiple of 4 (2-D RoPE)")
+        if min(self.patch_size, self.pooling_kernel, self.max_soft_tokens) < 1:
+            problems.append("patch_size, pooling_kernel and max_soft_tokens must be positive")
+        elif self.max_patches_per_side > self.position_embedding_size:
+            problems.append(
+                f"a {self.max_patches_per_side}-patch side does not fit the "
+                f"{self.position_embedding_size}-row position table"
+            )
+        if problems:
+            raise ValueError(f"Bad Gemma4VisionConfig: {'; '.join(problems)}")
+
+    @property
+    def max_patches(self) -> int:
+        """Patches per image the encoder sees (real + padding): `max_soft_tokens * k**2`."""
+        return self.max_soft_tokens * self.pooling_kernel**2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened RGB patch (768)."""
+        return 3 * self.patch_size**2
+
+    @property
+    def max_patches_per_side(self) -> int:
+        """Longest possible side in patches (a 1-cell-high strip of the whole budget)."""
+        return self.max_soft_tokens * self.pooling_kernel
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AudioConfig:
@@ -150,9 +184,12 @@ class AudioConfig:
       num_heads: attention heads (8 x 128).
       ffn_dim: hidden width of the macaron feed-forward halves (4096).
       conv_kernel: causal depthwise convolution width (5).
-      subsampling_channels: channels of the two stride-2 convolutions (128, 32).
+      subsampling_channels: channels of the two stride-2 convolutions (128, 32). HF sizes
+        `input_proj` as `(channels[0] // 4) * channels[1]`, so HF can only build configs
+        whose first channel count equals `num_mel_bins`.
       num_mel_bins: log-mel features per frame (128).
-      chunk_size / context_left / context_right: local attention blocks and their context.
+      chunk_size / context_left / context_right: local attention blocks and their context
+        (the checkpoint's names; see `attention_window` for the keys a frame sees).
       logit_cap: attention logit soft-cap (50).
       output_dim: width of the encoder output before the text-side projection (1536).
       use_clipped_linears: every linear clips its input and output to learned bounds.
@@ -176,6 +213,27 @@ class AudioConfig:
     sample_rate: int = 16_000
     max_tokens: int = 750
 
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"Bad AudioConfig: width={self.width} is not a multiple of num_heads")
+        if self.context_right or self.context_left < 2:
+            raise ValueError(
+                "Bad AudioConfig: the local attention needs context_left >= 2, right 0"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def attention_window(self) -> int:
+        """Keys per query, itself included: `context_left - 1` (12).
+
+        Hugging Face keeps keys with `0 <= q - k < context_left - 1`; google-deepmind/gemma
+        keeps one more (`<= context_left - 1`). We follow HF (see `gemma_app.nn.audio`).
+        """
+        return self.context_left - 1
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoEConfig:
@@ -198,7 +256,8 @@ class TransformerConfig:
 
     Attributes:
       name: preset name, e.g. "gemma3-1b".
-      family: Gemma generation (1, 2 or 3); selects the chat template and tokenizer tokens.
+      family: Gemma generation (1, 2, 3 or 4); selects the architecture, chat template and
+        tokenizer tokens.
       num_embed: rows of the (tied) embedding table, V.
       embed_dim: model width, D.
       hidden_dim: GeGLU hidden width, F.
@@ -277,6 +336,31 @@ class TransformerConfig:
             )
         if AttentionType.LOCAL_SLIDING in self.attention_types and not self.sliding_window_size:
             raise ValueError(f"{self.name}: local layers need a sliding_window_size")
+        if self.family == 4:
+            self._check_gemma4()
+
+    def _check_gemma4(self):
+        """Gemma 4 fields that cannot work together (collected, raised once)."""
+        problems = []
+        if self.num_heads % self.layer_kv_heads(AttentionType.GLOBAL):
+            problems.append(f"num_heads={self.num_heads} is not a multiple of num_global_kv_heads")
+        if not 0.0 <= self.global_rope_proportion <= 1.0:
+            problems.append(f"global_rope_proportion={self.global_rope_proportion} not in [0, 1]")
+        if self.query_pre_attn_scalar != 1.0 or self.attn_logits_soft_cap is not None:
+            problems.append("Gemma 4 has no query scaling and no attention softcap")
+        if not (0 <= self.num_kv_shared_layers < self.num_layers):
+            problems.append(f"num_kv_shared_layers={self.num_kv_shared_layers} out of range")
+        else:
+            first_shared = self.num_layers - self.num_kv_shared_layers
+            unshared = set(self.attention_types[:first_shared])
+            if self.num_kv_shared_layers and unshared != set(self.attention_types):
+                problems.append("every attention type of a KV-shared layer needs an earlier layer")
+        if self.per_layer_input_dim < 0:
+            problems.append(f"per_layer_input_dim={self.per_layer_input_dim} < 0")
+        if self.moe is not None and not 0 < self.moe.top_k <= self.moe.num_experts:
+            problems.append(f"top_k={self.moe.top_k} not in [1, {self.moe.num_experts}]")
+        if problems:
+            raise ValueError(f"{self.name}: {'; '.join(problems)}")
 
     @property
     def num_layers(self) -> int:
@@ -290,6 +374,33 @@ class TransformerConfig:
     @property
     def query_scale(self) -> float:
         return self.query_pre_attn_scalar**-0.5
+
+    def layer_head_dim(self, attn_type: AttentionType) -> int:
+        """Head width H of one layer type (Gemma 4 global layers may be wider)."""
+        if attn_type == AttentionType.GLOBAL and self.global_head_dim is not None:
+            return self.global_head_dim
+        return self.head_dim
+
+    def layer_kv_heads(self, attn_type: AttentionType) -> int:
+        """KV heads K of one layer type (Gemma 4 31B/26B global layers have fewer)."""
+        if attn_type == AttentionType.GLOBAL and self.num_global_kv_heads is not None:
+            return self.num_global_kv_heads
+        return self.num_kv_heads
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose K/V `layer` attends over: itself, or for the last
+        `num_kv_shared_layers` layers the last earlier unshared layer of the same type."""
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.attention_types[layer]
+        return max(j for j in range(first_shared) if self.attention_types[j] == kind)
+
+    def layer_hidden_dim(self, layer: int) -> int:
+        """MLP width F of one layer (E2B's KV-shared layers are double-wide)."""
+        if self.shared_layer_hidden_dim is not None and self.kv_source(layer) != layer:
+            return self.shared_layer_hidden_dim
+        return self.hidden_dim
 
     def rope_base_and_scale(self, attn_type: AttentionType) -> tuple[int, float]:
         if attn_type == AttentionType.LOCAL_SLIDING:

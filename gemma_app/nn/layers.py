@@ -1,4 +1,4 @@
-"""Primitive layers: named weights `w`, head projections, RMSNorm, the tied Embedder.
+"""Primitive layers: named weights `w`, head projections, RMSNorms, the GeGLU MLP, the Embedder.
 
 Parameter names (`w`, `scale`, `input_embedding`) are those of the official checkpoints, so a
 restored checkpoint drops into `model.apply({"params": params}, ...)` without renaming.
@@ -6,9 +6,13 @@ restored checkpoint drops into `model.apply({"params": params}, ...)` without re
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gemma_app.nn.config import TransformerConfig
 
 
 class Weight(nn.Module):
@@ -22,10 +26,13 @@ class Weight(nn.Module):
     shape: tuple[int, ...]
     in_axis: int | tuple[int, ...] = -2
     param_dtype: jnp.dtype = jnp.float32
+    out_axis: int | tuple[int, ...] = -1
 
     @nn.compact
     def __call__(self, dtype: jnp.dtype) -> jax.Array:
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=self.in_axis)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "normal", in_axis=self.in_axis, out_axis=self.out_axis
+        )
         return self.param("w", init, self.shape, self.param_dtype).astype(dtype)
 
 
@@ -68,6 +75,64 @@ class RMSNorm(nn.Module):
             jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon
         )
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def rms_normalize(x: jax.Array, epsilon: float) -> jax.Array:
+    """x / rms(x) over the last axis, in float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+
+
+class ScaleRMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: `normed * scale`, scale initialised to ones (no `1 +`).
+
+    `with_scale=False` is the parameter-free variant (Gemma 4 value norm, router input norm).
+    Float32 inside and cast back, like Hugging Face's `Gemma4RMSNorm`.
+    """
+
+    param_dtype: jnp.dtype = jnp.float32
+    epsilon: float = 1e-6
+    with_scale: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        normed = rms_normalize(x, self.epsilon)
+        if self.with_scale:
+            init = nn.initializers.ones_init()
+            scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+            normed = normed * scale.astype(jnp.float32)
+        return normed.astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """GeGLU MLP with the official bare leaves `gating_einsum` and `linear` (no `/w`).
+
+    `hidden_dim` overrides `config.hidden_dim` (Gemma 4: double-wide KV-shared layers and the
+    26B-A4B dense branch).
+    """
+
+    config: TransformerConfig
+    param_dtype: jnp.dtype = jnp.float32
+    hidden_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, f = self.config.embed_dim, self.hidden_dim or self.config.hidden_dim
+        scaled = functools.partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal")
+        if self.config.transpose_gating_einsum:  # stored (2, F, D)
+            w = self.param(
+                "gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype
+            )
+            gates = jnp.einsum("btd,sfd->sbtf", x, w.astype(x.dtype))
+        else:  # stored (2, D, F): Gemma 1 and Gemma 2 2B
+            w = self.param(
+                "gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype
+            )
+            gates = jnp.einsum("btd,sdf->sbtf", x, w.astype(x.dtype))
+        # tanh-approximated GELU, as flax.linen.gelu's default and HF's gelu_pytorch_tanh.
+        hidden = jax.nn.gelu(gates[0], approximate=True) * gates[1]  # [B, T, F]
+        linear = self.param("linear", scaled(in_axis=-2, out_axis=-1), (f, d), self.param_dtype)
+        return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))
 
 
 class Embedder(nn.Module):

@@ -1,6 +1,7 @@
-"""Named presets: one per released Gemma 1/2/3 text decoder, plus `tiny_*` ones for tests.
+"""Named presets: one per released Gemma 1/2/3/4 text decoder, plus `tiny_*` ones for tests.
 
-Gemma 3 4B/12B/27B carry the SigLIP image encoder (`vision=gemma3_vision()`, spec §7.1).
+Gemma 3 4B/12B/27B carry the SigLIP image encoder (`vision=gemma3_vision()`, spec §7.1);
+Gemma 4 E2B/E4B the small ViT and the conformer, 31B/26B-A4B the large ViT.
 
 Constants follow `shared/reference/gemma_spec.md` §1.1 (read from google-deepmind/gemma's config
 classes; Gemma 1 from the repository's history). No math here.
@@ -17,6 +18,7 @@ from gemma_app.nn.config import (
     AttentionType,
     AudioConfig,
     Gemma4VisionConfig,
+    MoEConfig,
     TransformerConfig,
     VisionConfig,
     make_attention_layers_types,
@@ -24,6 +26,8 @@ from gemma_app.nn.config import (
 
 GEMMA1_VOCAB = 256_128  # 256000 sentencepiece pieces, table padded to a multiple of 128
 GEMMA3_VOCAB = 262_144
+_L, _G = AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL
+GEMMA4_E2B_PATTERN = (_L, _L, _L, _L, _G)
 
 
 def _gemma1(name: str, *, layers: int, d: int, f: int, heads: int, kv_heads: int):
@@ -125,9 +129,40 @@ def tiny_gemma4_vision() -> Gemma4VisionConfig:
 
 
 def tiny_gemma4_audio() -> AudioConfig:
-    """A toy conformer with the real mel features, subsampling and attention context."""
+    """A toy conformer with the real mel features, subsampling and attention context.
+
+    `ffn_dim = 4 * width` and 128 first-stage channels, because HF's Gemma4AudioConfig
+    hard-codes both (so the parity golden can be built in transformers).
+    """
     return AudioConfig(
-        width=32, depth=2, num_heads=2, ffn_dim=64, subsampling_channels=(8, 4), output_dim=48
+        width=32, depth=2, num_heads=2, ffn_dim=128, subsampling_channels=(128, 4), output_dim=48
+    )
+
+
+def _gemma4(name: str, *, layers, pattern, d, f, heads, kv_heads, window, **extra):
+    """Gemma 4 constants shared by every size (spec §1.1 and §1.4)."""
+    return TransformerConfig(
+        name=name,
+        family=4,
+        num_embed=GEMMA3_VOCAB,
+        embed_dim=d,
+        hidden_dim=f,
+        num_heads=heads,
+        head_dim=256,
+        num_kv_heads=kv_heads,
+        attention_types=make_attention_layers_types(pattern, num_layers=layers),
+        sliding_window_size=window,
+        query_pre_attn_scalar=1.0,  # no query scaling
+        final_logit_softcap=30.0,
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        use_qk_norm=True,
+        transpose_gating_einsum=True,
+        local_base_frequency=10_000,
+        global_base_frequency=1_000_000,
+        global_head_dim=512,
+        global_rope_proportion=0.25,
+        **extra,
     )
 
 
@@ -197,6 +232,41 @@ def gemma3_27b() -> TransformerConfig:
     )  # fmt: skip
 
 
+def gemma4_e2b() -> TransformerConfig:
+    # Layers 15-34 reuse the K/V of layer 13 (local) / 14 (global), with a double-wide MLP.
+    return _gemma4(
+        "gemma4-e2b", layers=35, pattern=GEMMA4_E2B_PATTERN, d=1536, f=6144, heads=8,
+        kv_heads=1, window=512, per_layer_input_dim=256, num_kv_shared_layers=20,
+        shared_layer_hidden_dim=12_288, vision=gemma4_vision_small(), audio=gemma4_audio(),
+    )  # fmt: skip
+
+
+def gemma4_e4b() -> TransformerConfig:
+    return _gemma4(
+        "gemma4-e4b", layers=42, pattern=GEMMA3_PATTERN, d=2560, f=10_240, heads=8, kv_heads=2,
+        window=512, per_layer_input_dim=256, num_kv_shared_layers=18,
+        vision=gemma4_vision_small(), audio=gemma4_audio(),
+    )  # fmt: skip
+
+
+def gemma4_31b() -> TransformerConfig:
+    return _gemma4(
+        "gemma4-31b", layers=60, pattern=GEMMA3_PATTERN, d=5376, f=21_504, heads=32,
+        kv_heads=16, window=1024, num_global_kv_heads=4, k_eq_v=True,
+        vision=gemma4_vision_large(), bidirectional_vision=True,
+    )  # fmt: skip
+
+
+def gemma4_26b_a4b() -> TransformerConfig:
+    # `hidden_dim` is the dense branch (`mlp2`) beside 128 experts of width 704, top 8.
+    return _gemma4(
+        "gemma4-26b-a4b", layers=30, pattern=GEMMA3_PATTERN, d=2816, f=2112, heads=16,
+        kv_heads=8, window=1024, num_global_kv_heads=2, k_eq_v=True,
+        moe=MoEConfig(num_experts=128, top_k=8, expert_hidden_dim=704),
+        vision=gemma4_vision_large(), bidirectional_vision=True,
+    )  # fmt: skip
+
+
 # Tiny presets: every feature of the family switched on at toy sizes, for tests and the demo.
 # Small windows and few layers still exercise local/global mixing on 10-20 token prompts.
 
@@ -254,6 +324,40 @@ def tiny_gemma3_vision(num_embed: int = 256) -> TransformerConfig:
     )
 
 
+def _tiny_gemma4(name: str, *, num_embed, pattern, layers, kv_heads, hidden_dim, **extra):
+    return TransformerConfig(
+        name=name, family=4, num_embed=num_embed, embed_dim=64, hidden_dim=hidden_dim, num_heads=4,
+        head_dim=16, num_kv_heads=kv_heads,
+        attention_types=make_attention_layers_types(pattern, num_layers=layers),
+        sliding_window_size=4, query_pre_attn_scalar=1.0, final_logit_softcap=30.0,
+        use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
+        transpose_gating_einsum=True, local_base_frequency=10_000,
+        global_base_frequency=1_000_000, global_head_dim=32, global_rope_proportion=0.25,
+        **extra,
+    )  # fmt: skip
+
+
+def tiny_gemma4(num_embed: int = 256) -> TransformerConfig:
+    """E2B-style: PLE, GQA, KV sharing (layers 5-7 reuse 4 (local) and 3 (global)) with a
+    double-wide MLP, wider global heads with partial RoPE, toy image and audio encoders."""
+    return _tiny_gemma4(
+        "tiny-gemma4", num_embed=num_embed, pattern=(_L, _L, _L, _G), layers=8, kv_heads=2,
+        hidden_dim=96, per_layer_input_dim=8, num_kv_shared_layers=3, shared_layer_hidden_dim=192,
+        vision=tiny_gemma4_vision(), audio=tiny_gemma4_audio(),
+    )  # fmt: skip
+
+
+def tiny_gemma4_moe(num_embed: int = 256) -> TransformerConfig:
+    """26B-A4B-style: k_eq_v global layers with fewer KV heads, 8 experts top-2 beside the
+    dense MLP, bidirectional attention within images on local layers."""
+    return _tiny_gemma4(
+        "tiny-gemma4-moe", num_embed=num_embed, pattern=GEMMA3_PATTERN, layers=6, kv_heads=2,
+        hidden_dim=96, num_global_kv_heads=1, k_eq_v=True,
+        moe=MoEConfig(num_experts=8, top_k=2, expert_hidden_dim=16),
+        vision=tiny_gemma4_vision(), bidirectional_vision=True,
+    )  # fmt: skip
+
+
 DEMO_VOCAB = 4096  # size of the project's own sentencepiece model in assets/
 
 
@@ -287,6 +391,10 @@ PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     "gemma3-4b": gemma3_4b,
     "gemma3-12b": gemma3_12b,
     "gemma3-27b": gemma3_27b,
+    "gemma4-e2b": gemma4_e2b,
+    "gemma4-e4b": gemma4_e4b,
+    "gemma4-31b": gemma4_31b,
+    "gemma4-26b-a4b": gemma4_26b_a4b,
 }
 
 TINY_PRESETS: dict[str, Callable[..., TransformerConfig]] = {
@@ -295,6 +403,8 @@ TINY_PRESETS: dict[str, Callable[..., TransformerConfig]] = {
     "tiny-gemma2": tiny_gemma2,
     "tiny-gemma3": tiny_gemma3,
     "tiny-gemma3-vision": tiny_gemma3_vision,
+    "tiny-gemma4": tiny_gemma4,
+    "tiny-gemma4-moe": tiny_gemma4_moe,
     "demo": tiny_demo,
     "demo-vision": tiny_demo_vision,
 }

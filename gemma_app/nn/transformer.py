@@ -1,4 +1,6 @@
-"""The Gemma 1/2/3 decoder: embed -> blocks -> final norm -> tied logits (spec §1.2).
+"""The Gemma decoder: embed -> blocks -> final norm -> tied logits (spec §1.2).
+
+Gemma 4 (`config.family == 4`, spec §1.4) runs the blocks of gemma4.py under the same API.
 
 Usage:
   model = Transformer(config)
@@ -16,37 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_app.nn import gemma4
 from gemma_app.nn.attention import CACHE_CHUNK, Attention, init_layer_cache
 from gemma_app.nn.config import AttentionType, TransformerConfig
-from gemma_app.nn.layers import Embedder, RMSNorm
+from gemma_app.nn.layers import Embedder, FeedForward, RMSNorm
 
 Cache = dict[str, dict[str, jax.Array]]
-
-
-class FeedForward(nn.Module):
-    """GeGLU MLP with the official bare leaves `gating_einsum` and `linear` (no `/w`)."""
-
-    config: TransformerConfig
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d, f = self.config.embed_dim, self.config.hidden_dim
-        scaled = functools.partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal")
-        if self.config.transpose_gating_einsum:  # stored (2, F, D)
-            w = self.param(
-                "gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype
-            )
-            gates = jnp.einsum("btd,sfd->sbtf", x, w.astype(x.dtype))
-        else:  # stored (2, D, F): Gemma 1 and Gemma 2 2B
-            w = self.param(
-                "gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype
-            )
-            gates = jnp.einsum("btd,sdf->sbtf", x, w.astype(x.dtype))
-        # tanh-approximated GELU, as flax.linen.gelu's default and HF's gelu_pytorch_tanh.
-        hidden = jax.nn.gelu(gates[0], approximate=True) * gates[1]  # [B, T, F]
-        linear = self.param("linear", scaled(in_axis=-2, out_axis=-1), (f, d), self.param_dtype)
-        return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))
 
 
 class Block(nn.Module):
@@ -108,6 +85,10 @@ class Transformer(nn.Module):
           (logits [B, T, V] or [B, V] in float32, updated cache or None).
         """
         cfg, pd = self.config, self.param_dtype
+        if cfg.family == 4:
+            return gemma4.decode(
+                cfg, self.dtype, pd, tokens, positions, cache, logits_at, mm_embeddings, segments
+            )
         embedder = Embedder(cfg.num_embed, cfg.embed_dim, param_dtype=pd, name="embedder")
         if segments is None:
             x = embedder.encode(tokens, self.dtype)  # [B, T, D]
@@ -147,12 +128,22 @@ def cache_slots(cache_length: int) -> int:
 def init_cache(
     config: TransformerConfig, *, batch: int, cache_length: int, dtype=jnp.float32
 ) -> Cache:
-    """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H]."""
+    """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H].
+
+    Gemma 4: K and H follow each layer's type, and KV-shared layers have no entry. With an
+    image encoder, `"segments"` [B, S] holds the image block of every slot.
+    """
     slots = cache_slots(cache_length)
-    cache = {
-        f"layer_{i}": init_layer_cache(config, batch, slots, dtype)
-        for i in range(config.num_layers)
-    }
+    if config.family == 4:  # per-layer shapes; KV-shared layers own no entry
+        cache = {
+            f"layer_{i}": init_layer_cache(config, batch, slots, dtype, config.attention_types[i])
+            for i in gemma4.cache_layers(config)
+        }
+    else:
+        cache = {
+            f"layer_{i}": init_layer_cache(config, batch, slots, dtype)
+            for i in range(config.num_layers)
+        }
     if getattr(config, "vision", None) is not None:  # the image block of every slot
         cache["segments"] = jnp.zeros((batch, slots), jnp.int32)
     return cache

@@ -1,4 +1,5 @@
-"""Trains the project's demo SentencePiece tokenizer and writes `assets/tokenizer.model`.
+"""Trains the project's demo SentencePiece tokenizers: `assets/tokenizer.model` and, with
+`--gemma4`, `assets/tokenizer_gemma4.model`.
 
 The demo model (`gemma_app.nn.presets.tiny_demo`) has a 4096-row embedding, so the vocabulary
 is exactly `DEMO_VOCAB` = 4096 pieces. The settings mirror the real Gemma tokenizers (BPE,
@@ -10,6 +11,15 @@ Gemma 3 where that is possible:
   105 <start_of_turn>  106 <end_of_turn>  107 "\\n"  108 "\\n\\n"  then image, Gemma 4 and
   function-calling tags, the 256 byte pieces, and the learned pieces.
 
+The Gemma 4 demo model (`--gemma4`, for the tiny Gemma 4 presets) has the same settings and
+vocabulary size but only the Gemma 4 special pieces (spec §4), in the order of the list below:
+
+  0 <pad>  1 <eos>  2 <bos>  3 <unk>  4 <mask>  5 <|turn>  6 <turn|>  7 <|image|> ... 23 <|"|>
+  24 "\\n"  25 "\\n\\n"  then the 256 byte pieces and the learned pieces.
+
+The real Gemma 4 vocabulary has 262144 pieces (`<|turn>` at 105, `<|image>` at 255999...);
+a 4096-piece demo cannot reproduce those ids, which is fine since nothing depends on them.
+
 Ids are never hard-coded elsewhere in the project: `gemma_app.text.tokenizer.Tokenizer`
 reads them from the file by piece name.
 
@@ -17,8 +27,9 @@ Training is deterministic (one thread, no sampling or shuffling, sentences from 
 so no file paths end up in the model), so rerunning the script reproduces the same bytes
 with the same sentencepiece version (0.2.x). Usage:
 
-    python scripts/train_tokenizer.py          # (re)writes assets/tokenizer.model
-    python scripts/train_tokenizer.py --check  # exits 1 if the committed file differs
+    python scripts/train_tokenizer.py                   # (re)writes assets/tokenizer.model
+    python scripts/train_tokenizer.py --check           # exits 1 if the committed file differs
+    python scripts/train_tokenizer.py --gemma4 [--check]  # the same for tokenizer_gemma4.model
 """
 
 import argparse
@@ -33,6 +44,7 @@ VOCAB_SIZE = 4096  # == gemma_app.nn.presets.DEMO_VOCAB; not imported to keep ja
 _ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().with_name("tokenizer_corpus.txt")
 OUTPUT = _ROOT / "assets" / "tokenizer.model"
+OUTPUT_GEMMA4 = _ROOT / "assets" / "tokenizer_gemma4.model"
 _MAX_BYTES = 1 << 20  # the model is committed: keep it well under 1 MB
 
 # CONTROL pieces decode to '' and can never come out of encoding text. Gemma 3 has
@@ -62,13 +74,16 @@ _FUNCTION_CALLING = [
 ]  # fmt: skip
 USER_DEFINED_SYMBOLS = _TURN_MARKERS + _NEWLINES + _GEMMA3_IMAGE + _GEMMA4_TAGS + _FUNCTION_CALLING
 
-TRAINER_OPTIONS = dict(
+# Gemma 4 demo tokenizer: <mask> is its only CONTROL piece besides pad/eos/bos/unk, and the
+# Gemma 4 tags are its only markup pieces (no Gemma 3 turn markers, no <unusedN> slots).
+GEMMA4_CONTROL_SYMBOLS = ["<mask>"]
+GEMMA4_USER_DEFINED_SYMBOLS = _GEMMA4_TAGS + _NEWLINES
+
+_TRAINER_OPTIONS = dict(
     vocab_size=VOCAB_SIZE,
     model_type="bpe",
     pad_id=0, eos_id=1, bos_id=2, unk_id=3,
     pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-    control_symbols=CONTROL_SYMBOLS,
-    user_defined_symbols=USER_DEFINED_SYMBOLS,
     byte_fallback=True,
     add_dummy_prefix=False,
     normalization_rule_name="identity",
@@ -81,6 +96,12 @@ TRAINER_OPTIONS = dict(
     num_threads=1,  # determinism over speed: the corpus trains in about a second
     minloglevel=2,
 )  # fmt: skip
+TRAINER_OPTIONS = _TRAINER_OPTIONS | dict(
+    control_symbols=CONTROL_SYMBOLS, user_defined_symbols=USER_DEFINED_SYMBOLS
+)
+GEMMA4_TRAINER_OPTIONS = _TRAINER_OPTIONS | dict(
+    control_symbols=GEMMA4_CONTROL_SYMBOLS, user_defined_symbols=GEMMA4_USER_DEFINED_SYMBOLS
+)
 
 
 def corpus_lines(path: Path = CORPUS) -> list[str]:
@@ -96,52 +117,68 @@ def _arithmetic_lines() -> Iterator[str]:
         yield f"{a}0 + {a}5 = {a * 10 + a * 10 + 5}, {a}.5 - 0.25 = {a + 0.25}"
 
 
-def _chat_lines(lines: list[str]) -> Iterator[str]:
+def _chat_lines(lines: list[str], *, gemma4: bool = False) -> Iterator[str]:
     # The corpus dialogue rendered in the Gemma template, so `user`/`model` become pieces.
     for line in lines:
         for prefix, role in (("System: ", "system"), ("User: ", "user"), ("Assistant: ", "model")):
             if line.startswith(prefix):
                 text = line.removeprefix(prefix)
-                yield f"<start_of_turn>{role}\n{text}<end_of_turn>\n"
+                if not gemma4:
+                    yield f"<start_of_turn>{role}\n{text}<end_of_turn>\n"
                 yield f"<|turn>{role}\n{text}<turn|>\n"
 
 
-def training_sentences() -> list[str]:
+def _thought_lines(lines: list[str]) -> Iterator[str]:
+    # Gemma 4 thinking output (spec §5), so `thought` becomes a piece.
+    for line in lines:
+        if line.startswith("Assistant: "):
+            yield f"<|channel>thought\n{line.removeprefix('Assistant: ')}<channel|>"
+
+
+def training_sentences(*, gemma4: bool = False) -> list[str]:
     """Returns every training sentence, committed and generated, in a fixed order."""
     lines = corpus_lines()
-    return lines + list(_arithmetic_lines()) + list(_chat_lines(lines))
+    chat = list(_chat_lines(lines, gemma4=gemma4))
+    thoughts = list(_thought_lines(lines)) if gemma4 else []
+    return lines + list(_arithmetic_lines()) + chat + thoughts
 
 
-def train() -> bytes:
-    """Trains the tokenizer and returns the serialized model."""
+def train(*, gemma4: bool = False) -> bytes:
+    """Trains the tokenizer (the Gemma 4 one with `gemma4`) and returns the serialized model."""
+    options = GEMMA4_TRAINER_OPTIONS if gemma4 else TRAINER_OPTIONS
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_sentences()), model_writer=buffer, **TRAINER_OPTIONS
+        sentence_iterator=iter(training_sentences(gemma4=gemma4)), model_writer=buffer, **options
     )
     model = buffer.getvalue()
-    _check(model)
+    _check(model, options)
     return model
 
 
-def _check(model: bytes) -> None:
+def _check(model: bytes, options: dict) -> None:
     sp = spm.SentencePieceProcessor(model_proto=model)
     if sp.vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"vocab size {sp.vocab_size()} != {VOCAB_SIZE}")
     if len(model) >= _MAX_BYTES:
         raise RuntimeError(f"model is {len(model)} bytes, the limit is {_MAX_BYTES}")
-    for piece in ["<pad>", "<eos>", "<bos>", "<unk>", *CONTROL_SYMBOLS, *USER_DEFINED_SYMBOLS]:
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    for piece in pieces + options["control_symbols"] + options["user_defined_symbols"]:
         if sp.id_to_piece(sp.piece_to_id(piece)) != piece:
             raise RuntimeError(f"piece {piece!r} is missing from the trained model")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument(
+        "--gemma4", action="store_true", help="the Gemma 4 demo tokenizer (tokenizer_gemma4.model)"
+    )
+    parser.add_argument("--output", type=Path, help=f"default {OUTPUT} or {OUTPUT_GEMMA4}")
     parser.add_argument(
         "--check", action="store_true", help="compare with --output instead of writing it"
     )
     args = parser.parse_args(argv)
-    model = train()
+    args.output = args.output or (OUTPUT_GEMMA4 if args.gemma4 else OUTPUT)
+    model = train(gemma4=args.gemma4)
     if args.check:
         same = args.output.is_file() and args.output.read_bytes() == model
         print(f"{args.output}: {'up to date' if same else 'DIFFERS from a fresh training run'}")
@@ -150,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     print(f"wrote {args.output} ({len(model)} bytes, {sp.vocab_size()} pieces)")
-    for piece in ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<|turn>", "<turn|>"]:
+    shown = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<|turn>", "<turn|>"]
+    for piece in shown[3:] if args.gemma4 else shown:
         print(f"  {sp.piece_to_id(piece):5d} {piece}")
     return 0
 

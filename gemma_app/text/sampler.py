@@ -91,22 +91,52 @@ def _prefill_chunk(program: _Program, params, cache, tokens, start, logits_at, m
 
 
 def _chunk_starts(length: int, chunk: int, segments: np.ndarray | None) -> list[int]:
-    """Chunk boundaries every `chunk` tokens, moved back so no image block is split.
+    """Chunk boundaries every `chunk` tokens, moved back so no image or audio block is split.
 
-    The tokens of one image attend to each other both ways, so they must be written in one
-    call. A block is never longer than a chunk (checked by the caller).
+    The tokens of one image may attend to each other both ways (Gemma 3, Gemma 4 26B/31B),
+    so a block must be written in one call; audio blocks are kept whole too. No block is
+    longer than a chunk (`_chunk_length` sees to it).
     """
     starts, c0 = [], 0
     while c0 < length:
         starts.append(c0)
         end = c0 + chunk
         if segments is not None and end < length:
-            inside = (segments[:, end] > 0) & (segments[:, end] == segments[:, end - 1])
-            while inside.any() and end > c0 + 1:
+            while _splits_block(segments, end) and end > c0 + 1:
                 end -= 1
-                inside = (segments[:, end] > 0) & (segments[:, end] == segments[:, end - 1])
         c0 = end
     return starts
+
+
+def _splits_block(segments: np.ndarray, end: int) -> bool:
+    """Whether a boundary before column `end` cuts a media block in some row."""
+    return bool(((segments[:, end] != 0) & (segments[:, end] == segments[:, end - 1])).any())
+
+
+def _longest_block(segments: np.ndarray | None) -> int:
+    """Length of the longest run of one nonzero segment in any row of [B, T] `segments`."""
+    if segments is None:
+        return 0
+    longest = 0
+    for row in segments:
+        edges = np.flatnonzero(np.diff(row) != 0) + 1  # run boundaries
+        for run in np.split(row, edges):
+            if run.size and run[0] != 0:
+                longest = max(longest, run.size)
+    return longest
+
+
+def _chunk_length(pad_length: Sequence[int], length: int, longest_block: int) -> int:
+    """The smallest bucket holding the prompt, else the largest; never shorter than a block.
+
+    A block longer than every bucket (a 1120-token image) gets a multiple of the largest.
+    """
+    chunk = next((b for b in pad_length if b >= length), pad_length[-1])
+    if longest_block > chunk:
+        chunk = next((b for b in pad_length if b >= longest_block), None) or (
+            -(-longest_block // pad_length[-1]) * pad_length[-1]
+        )
+    return chunk
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -254,9 +284,10 @@ class Sampler:
         """Feeds each row's tokens after its cache contents and samples its first token.
 
         Args:
-          prompts: token ids per row; image soft-token slots may hold any id (e.g. -2).
-          segments: per row, the image block of each token (0 = text), for vision models.
-          mm_embeddings: per row, [len(prompt), D] soft tokens where `segments > 0`.
+          prompts: token ids per row; soft-token slots may hold any id (e.g. -2, -4).
+          segments: per row, the media block of each token (k > 0: image k, -k: audio clip
+            k, 0: text), for models with an image or audio encoder.
+          mm_embeddings: per row, [len(prompt), D] soft tokens where `segments != 0`.
 
         Raises:
           CacheFullError: a row's conversation would not leave room for one more token.
@@ -266,7 +297,7 @@ class Sampler:
         if batch == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token")
         vocab = self.model.config.num_embed
-        soft = [np.asarray(s) > 0 for s in segments] if segments else [False] * batch
+        soft = [np.asarray(s) != 0 for s in segments] if segments else [False] * batch
         text = [np.asarray(p)[~m] for p, m in zip(prompts, soft, strict=True)]
         if any(t.size and (t.min() < 0 or t.max() >= vocab) for t in text):
             raise ValueError(f"Prompt token ids must lie in [0, {vocab})")
@@ -278,17 +309,21 @@ class Sampler:
             cache = last_state.cache
         lengths = np.array([len(p) for p in prompts], np.int32)
         self._check_room(start, lengths)
-        chunk = next((b for b in self.pad_length if b >= lengths.max()), self.pad_length[-1])
-        width = int(lengths.max()) + chunk  # room for a chunk moved back before an image
-        padded = np.zeros((batch, width), np.int32)
-        seg = mm = None
+        seg = None
         if segments is not None:
-            seg = np.zeros((batch, width), np.int32)
+            seg = np.zeros((batch, int(lengths.max())), np.int32)
+            for b, s in enumerate(segments):
+                seg[b, : len(s)] = s
+        chunk = _chunk_length(self.pad_length, int(lengths.max()), _longest_block(seg))
+        width = int(lengths.max()) + chunk  # room for a chunk moved back before a block
+        padded = np.zeros((batch, width), np.int32)
+        mm = None
+        if seg is not None:
+            seg = np.pad(seg, ((0, 0), (0, chunk)))
             mm = np.zeros((batch, width, self.model.config.embed_dim), np.float32)
         for b, p in enumerate(prompts):
             padded[b, : len(p)] = np.where(np.asarray(p) < 0, 0, p)
-            if seg is not None:
-                seg[b, : len(p)] = segments[b]
+            if mm is not None:
                 mm[b, : len(p)] = mm_embeddings[b]
         last = lengths - 1  # index of each row's last prompt token in `padded`
         logits = None

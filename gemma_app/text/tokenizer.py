@@ -1,8 +1,10 @@
 """SentencePiece tokenizer for every Gemma version, with piece-safe encoding of user text.
 
 Special-token ids are read from the model file by piece name, never hard-coded: Gemma 2
-puts `<start_of_turn>` at 106, Gemma 3 at 105, and the project's demo tokenizer
-(`assets/tokenizer.model`, from `scripts/train_tokenizer.py`) has its own layout.
+puts `<start_of_turn>` at 106, Gemma 3 at 105, and the project's demo tokenizers
+(`assets/tokenizer.model` with every version's pieces, `assets/tokenizer_gemma4.model` with the
+Gemma 4 ones only, both from `scripts/train_tokenizer.py`) have their own layouts. For Gemma 4
+the end of a turn is `<turn|>` (`special.end_of_turn`).
 
 Security: `Tokenizer.encode` treats its input as plain user text. SentencePiece matches
 user-defined pieces such as `<start_of_turn>` anywhere in its input, so a user typing

@@ -410,19 +410,21 @@ def encode_audio(
       features: float32 [n, T, 128] log-mel features (`gemma_app.audio_input`).
       mask: bool [n, T], True on valid frames (a prefix of each row).
 
-    Returns:
+    Returns (host numpy arrays):
       soft: float32 [n, t, O] with t = ceil(ceil(T / 2) / 2); zero where `valid` is False.
       valid: bool [n, t]; row i has `num_audio_tokens(len_i)` True entries (before the cap).
     """
-    features = jnp.asarray(features, _f32)
-    mask = jnp.asarray(mask, bool)
+    # Pad and cut on the host: eager jnp.pad / slicing would compile a small program for
+    # every new clip length; this way a new length inside a known bucket compiles nothing.
+    features = np.asarray(features, np.float32)
+    mask = np.asarray(mask, bool)
     t = features.shape[1]
     pad = frame_bucket(t) - t
-    features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    features = np.pad(features, ((0, 0), (0, pad), (0, 0)))
+    mask = np.pad(mask, ((0, 0), (0, pad)))
     soft, valid = _encode(audio_config, params_audio, features, mask)
     keep = num_output_frames(t)
-    return soft[:, :keep], valid[:, :keep]
+    return np.asarray(soft)[:, :keep], np.asarray(valid)[:, :keep]
 
 
 def project_audio(soft: jax.Array, projection_w: jax.Array) -> jax.Array:

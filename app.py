@@ -29,6 +29,8 @@ logger = logging.getLogger("gemma_app.app")
 
 ENV_PREFIX = "GEMMA_APP_"
 DTYPES = ("auto", "bfloat16", "float32")
+# The built-in random-weight models: `--model demo` is the Gemma 4 one (text, images, audio).
+DEMOS = {"demo": 4, "demo-gemma4": 4, "demo-gemma3": 3}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -92,7 +94,8 @@ def _env_name(flag: str) -> str:
 
 # (flag, type, default as typed on the command line, help). Booleans are --x / --no-x.
 _FLAGS = [
-    ("--model", str, "demo", "'demo', a variant (gemma3-1b-it), a checkpoint dir or an HF repo"),
+    ("--model", str, "demo", "'demo' (tiny Gemma 4, random weights), 'demo-gemma3', a variant "
+     "(gemma3-1b-it), a checkpoint dir or an HF repo"),
     ("--tokenizer", str, None, "tokenizer.model path, if not found next to the checkpoint"),
     ("--dtype", str, "auto", "weights and compute dtype: auto (float32 on CPU, bfloat16 on "
      "GPU/TPU), bfloat16 (half the memory; slow on CPU) or float32"),
@@ -205,10 +208,10 @@ class App:
 def load_model(settings: Settings):
     """The engine for `settings.model`; raises with a user-facing message on failure."""
     dtype = _jnp_dtype(settings.dtype)
-    if settings.model == "demo":
+    if settings.model in DEMOS:
         from gemma_app.engine import demo_engine
 
-        return demo_engine(dtype=dtype)
+        return demo_engine(family=DEMOS[settings.model], dtype=dtype)
     # Imported here: the checkpoint stack is heavy and the demo does not need it.
     from gemma_app.ckpt import load_engine
 
@@ -246,7 +249,7 @@ def create_app(settings: Settings, *, engine=None) -> App:
             notice = f"Could not load model `{settings.model}`: {e}"
     registry = _registry(engine, settings)
     if engine is not None and settings.warmup:
-        _warm_up(registry)
+        _warm_up(registry, engine)
     options = settings.chat_options()
     demo = ui.build_demo(engine, options=options, registry=registry, notice=notice)
     return App(settings=settings, demo=demo, engine=engine, registry=registry, notice=notice)
@@ -282,13 +285,35 @@ def _registry(engine, settings: Settings) -> SessionRegistry:
         raise SystemExit(f"error: {e}") from e
 
 
-def _warm_up(registry: SessionRegistry) -> None:
-    """Compiles prefill and decode for greedy and the default sampling before the first user."""
+# Clip lengths that fill the audio encoder's frame buckets up to ~10 s (128, 256, 512 and
+# 1024 mel frames of 10 ms): microphone questions fall in these; longer clips compile once.
+WARM_UP_AUDIO_SECONDS = (1.2, 2.5, 5.0, 10.0)
+
+
+def _warm_up(registry: SessionRegistry, engine) -> None:
+    """Compiles prefill and decode (greedy and the default sampling) and the encoders of the
+    model's image and audio paths before the first user, who would otherwise wait for them."""
     start = time.perf_counter()
     sampler = registry.factory()
     for sampling in (SamplingSettings(greedy=True).method(), SamplingSettings().method()):
         sampler.chat("Hello!", sampling=sampling, rng=0, max_new_tokens=2, multi_turn=False)
+    for media_kwargs in _warm_up_media(engine):
+        sampler.chat("Hello!", max_new_tokens=1, multi_turn=False, **media_kwargs)
     logger.info("Warm-up done in %.1f s", time.perf_counter() - start)
+
+
+def _warm_up_media(engine) -> list[dict]:
+    import numpy as np
+
+    rate = media.DEFAULT_LIMITS.audio_sample_rate
+    calls = [{"images": [np.full((48, 64, 3), 128, np.uint8)]}] if engine.supports_images else []
+    if engine.supports_audio:
+        # A quiet hum, not silence: nothing in the encoder may special-case all zeros.
+        calls += [
+            {"audio": [0.01 * np.sin(np.arange(int(s * rate), dtype=np.float32) * 0.1)]}
+            for s in WARM_UP_AUDIO_SECONDS
+        ]
+    return calls
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,14 +14,14 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from gemma_app.nn import presets, vision
+from gemma_app.nn import audio, presets, vision, vision4
 from gemma_app.nn.config import TransformerConfig
 from gemma_app.nn.transformer import Transformer, init_params
 from gemma_app.text.chat import ChatSampler
 from gemma_app.text.tokenizer import Tokenizer
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
-DEMO_TOKENIZER = ASSETS / "tokenizer.model"
+DEMO_TOKENIZERS = {3: ASSETS / "tokenizer.model", 4: ASSETS / "tokenizer_gemma4.model"}
 DEMO_SEED = 0
 
 
@@ -84,7 +84,8 @@ class Engine:
       tokenizer: the matching tokenizer.
       dtype: compute dtype (activations and KV cache).
       is_demo: True for the built-in random-weight model: its answers are gibberish.
-      supports_images / supports_audio: what the message box may accept.
+      supports_images / supports_audio: what the message box may accept. Left unset (None),
+        each follows what was loaded: the config has the encoder and the params hold it.
     """
 
     name: str
@@ -93,8 +94,21 @@ class Engine:
     tokenizer: Tokenizer
     dtype: jnp.dtype = jnp.float32
     is_demo: bool = False
-    supports_images: bool = False
-    supports_audio: bool = False
+    supports_images: bool | None = None
+    supports_audio: bool | None = None
+
+    def __post_init__(self):
+        if self.supports_images is None:
+            loaded = self.config.vision is not None and "vision_encoder" in self.params
+            object.__setattr__(self, "supports_images", loaded)
+        if self.supports_audio is None:
+            loaded = getattr(self.config, "audio", None) is not None
+            object.__setattr__(self, "supports_audio", loaded and "audio_encoder" in self.params)
+
+    @property
+    def supports_thinking(self) -> bool:
+        """Gemma 4 models think before answering when asked to (`<|think|>`, spec §5)."""
+        return self.config.family == 4
 
     @functools.cached_property
     def model(self) -> Transformer:
@@ -114,22 +128,59 @@ class Engine:
         return ChatSampler(model=self.model, params=self.params, tokenizer=self.tokenizer, **kwargs)
 
 
-def demo_engine(*, seed: int = DEMO_SEED, dtype: jnp.dtype | None = None) -> Engine:
-    """The built-in demo: tiny Gemma 3 architecture with a toy image encoder, random weights
-    from `seed`, and the project's tokenizer. It reads text and images (answers are gibberish).
+DEMO_FAMILIES = (4, 3)
+
+
+def demo_engine(
+    *, family: int = 4, seed: int = DEMO_SEED, dtype: jnp.dtype | None = None
+) -> Engine:
+    """The built-in demo: a tiny model with random weights from `seed` (answers are gibberish).
+
+    Args:
+      family: 4 (default): Gemma 4 architecture with toy image and audio encoders and the
+        project's Gemma 4 tokenizer, so uploads, the microphone and thinking all work; 3: the
+        Gemma 3 architecture with a toy SigLIP image encoder and the Gemma 3 tokenizer.
+      seed: weights seed (encoders use seed + 1, + 2, ...).
+      dtype: compute dtype; None: `default_compute_dtype()`.
     """
-    tokenizer = Tokenizer(DEMO_TOKENIZER, version=3)
-    config = presets.tiny_demo_vision(num_embed=tokenizer.vocab_size)
-    params = dict(init_params(config, seed=seed, dtype=jnp.float32))
-    params["vision_encoder"] = vision.init_params(config.vision, seed=seed + 1)
-    mm = vision.init_mm_embedder(config.vision, config.embed_dim, seed=seed + 2)
-    params["embedder"] = {**params["embedder"], **mm}
+    builders = {3: _demo_gemma3, 4: _demo_gemma4}
+    if family not in builders:
+        raise ValueError(f"The demo model is Gemma 4 or Gemma 3, not Gemma {family}")
+    name, config, params, tokenizer = builders[family](seed)
     return Engine(
-        name="demo-tiny-gemma3 (random weights)",
+        name=f"{name} (random weights)",
         config=config,
         params=params,
         tokenizer=tokenizer,
         dtype=dtype or default_compute_dtype(),
         is_demo=True,
-        supports_images=True,
     )
+
+
+def _demo_gemma3(seed: int):
+    tokenizer = Tokenizer(DEMO_TOKENIZERS[3], version=3)
+    config = presets.tiny_demo_vision(num_embed=tokenizer.vocab_size)
+    params = dict(init_params(config, seed=seed, dtype=jnp.float32))
+    params["vision_encoder"] = vision.init_params(config.vision, seed=seed + 1)
+    mm = vision.init_mm_embedder(config.vision, config.embed_dim, seed=seed + 2)
+    params["embedder"] = {**params["embedder"], **mm}
+    return "demo-tiny-gemma3", config, params, tokenizer
+
+
+def _demo_gemma4(seed: int):
+    tokenizer = Tokenizer(DEMO_TOKENIZERS[4], version=4)
+    # The test preset (toy ViT and conformer included) with a 128-token local window instead
+    # of 4, so the demo's local layers see a chat-sized context like a real model's.
+    config = dataclasses.replace(
+        presets.tiny_gemma4(num_embed=tokenizer.vocab_size), name="demo-tiny-gemma4",
+        sliding_window_size=128,
+    )  # fmt: skip
+    params = dict(init_params(config, seed=seed, dtype=jnp.float32))
+    params["vision_encoder"] = vision4.init_params(config.vision, seed=seed + 1)
+    params["audio_encoder"] = audio.init_params(config.audio, seed=seed + 2)
+    projections = {
+        **vision4.init_mm_embedder(config.vision, config.embed_dim, seed=seed + 3),
+        **audio.init_audio_embedder(config.audio, config.embed_dim, seed=seed + 4),
+    }
+    params["embedder"] = {**params["embedder"], **projections}
+    return "demo-tiny-gemma4", config, params, tokenizer

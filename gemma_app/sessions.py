@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from gemma_app.nn.config import TransformerConfig
+from gemma_app.nn.transformer import init_cache
 from gemma_app.text.chat import CacheFullError, ChatSampler
 from gemma_app.text.sampling import SamplingMethod, make_sampling
 
 __all__ = [
-    "CACHE_SLOT_MULTIPLE",
     "CacheFullError",
     "ReplyStats",
     "SamplingSettings",
@@ -54,15 +54,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The engine allocates KV caches in multiples of 256 slots (its attention chunk size).
-CACHE_SLOT_MULTIPLE = 256
+# The channels of `Session.reply_parts` (and `ChatSampler.stream_parts`).
+THOUGHT, ANSWER = "thought", "answer"
 
 
 def kv_cache_bytes(config: TransformerConfig, cache_length: int, dtype) -> int:
-    """Bytes of one session's KV cache: layers x (K, V) x slots x KV heads x head dim x itemsize."""
-    slots = math.ceil(cache_length / CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
-    itemsize = np.dtype(dtype).itemsize
-    return config.num_layers * 2 * slots * config.num_kv_heads * config.head_dim * itemsize
+    """Bytes of one session's KV cache, read off the shapes `init_cache` would allocate.
+
+    Shapes, not a formula: Gemma 4 layers differ (global layers have wider heads and their own
+    KV-head count; KV-shared layers may hold no cache of their own), and the engine rounds the
+    slots up to whole attention chunks (256). Nothing is allocated (`jax.eval_shape`).
+    """
+    shapes = jax.eval_shape(
+        lambda: init_cache(config, batch=1, cache_length=cache_length, dtype=dtype)
+    )
+    return sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(shapes))
 
 
 class SessionLimitError(RuntimeError):
@@ -171,7 +177,17 @@ class Session:
         finally:
             self._lock.release()
 
-    def reply(
+    def reply(self, history: Sequence[tuple], prompt: str, **kwargs) -> Iterator[str]:
+        """`reply_parts` without the thoughts: the answer's text deltas only."""
+        parts = self.reply_parts(history, prompt, **kwargs)
+        try:
+            for channel, delta in parts:
+                if channel == ANSWER:
+                    yield delta
+        finally:
+            parts.close()  # a closed `reply` stops the decode loop like a closed `reply_parts`
+
+    def reply_parts(
         self,
         history: Sequence[tuple],
         prompt: str,
@@ -181,17 +197,20 @@ class Session:
         rng: int | None = None,
         max_new_tokens: int | None = None,
         media: Mapping[str, Sequence[np.ndarray]] | None = None,
+        thinking: bool = False,
         clock: Callable[[], float] = time.perf_counter,
-    ) -> Iterator[str]:
-        """Answers `prompt` after `history`, yielding text deltas; stats go to `last_stats`.
+    ) -> Iterator[tuple[str, str]]:
+        """Answers `prompt` after `history`, yielding `(channel, delta)`; stats go to `last_stats`.
 
-        Stops within one token of `request_stop()`; closing the generator also stops it. Either
-        way the partial answer stays the turn's answer and the lock is released.
+        `channel` is "thought" (a Gemma 4 model thinking, only with `thinking=True`) or
+        "answer". Stops within one token of `request_stop()`; closing the generator also stops
+        it. Either way the partial answer stays the turn's answer and the lock is released.
 
         `media` holds this message's decoded attachments by kind ({"images": [...], "audio":
-        [...]}); non-empty kinds are passed on to `ChatSampler.stream` as keyword arguments.
-        The UI only sends kinds the engine declares it reads (`Engine.supports_images`, ...),
-        so a text-only sampler never receives any.
+        [...]}); non-empty kinds are passed on to the sampler as keyword arguments. The UI only
+        sends kinds the engine declares it reads (`Engine.supports_images`, ...), so a
+        text-only sampler never receives any. `thinking` must stay False for models without a
+        thinking mode (`Engine.supports_thinking`); the sampler refuses it otherwise.
 
         Raises (on the first `next`):
           SessionBusyError: another reply of this session is running.
@@ -206,11 +225,14 @@ class Session:
         self.last_stats = stats
         try:
             start = clock()
-            self.sampler.load_history(list(history), system_prompt=system_prompt or None)
             extra = {kind: list(arrays) for kind, arrays in (media or {}).items() if arrays}
-            stream = self.sampler.stream(
-                prompt, sampling=sampling, rng=rng, max_new_tokens=max_new_tokens, **extra
-            )
+            self.sampler.load_history(list(history), system_prompt=system_prompt or None)
+            # Switching thinking here, not in `load_history`, lets the sampler re-render the
+            # kept turns with their encoded media instead of encoding them again.
+            stream = self.sampler.stream_parts(
+                prompt, sampling=sampling, rng=rng, max_new_tokens=max_new_tokens,
+                thinking=bool(thinking), **extra,
+            )  # fmt: skip
             try:
                 yield from self._metered(stream, stats, start, clock)
             except GeneratorExit:  # closed by the caller: Gradio's cancel, a disconnect
@@ -222,9 +244,9 @@ class Session:
         finally:
             self._lock.release()
 
-    def _metered(self, stream, stats: ReplyStats, start: float, clock) -> Iterator[str]:
+    def _metered(self, stream, stats: ReplyStats, start: float, clock) -> Iterator[tuple]:
         first = None
-        for delta in stream:
+        for part in stream:
             now = clock()
             if first is None:
                 first = now
@@ -232,7 +254,7 @@ class Session:
             stats.answer_tokens += 1
             if stats.answer_tokens > 1 and now > first:
                 stats.tokens_per_s = (stats.answer_tokens - 1) / (now - first)
-            yield delta
+            yield part
             if self._stop.is_set():
                 stats.stopped = True
                 return

@@ -11,12 +11,20 @@ Design (see docs/app.md):
   textbox, so `respond` finds nothing to answer.
 * Attachments the loaded model cannot read are refused as a whole message (text included):
   a question about a picture answered without the picture would mislead. The warning says so.
+  Microphone recordings are ordinary audio attachments: Gradio 6 re-encodes what the browser
+  captured as a 16-bit WAV at 44.1 kHz (channels kept), and `media.load_audio` makes it the
+  16 kHz mono float32 clip audio-capable models (Gemma 4 E2B/E4B, the demo) receive.
+  Images of any aspect ratio go to the engine as decoded; Gemma 4 resizes them itself.
+* Thinking (Gemma 4): a checkbox asks the model to think first; the thought channel streams
+  into a titled message that Gradio shows open while pending and folded once done, above the
+  answer. Thoughts never enter the conversation the next turns see (`ui_messages`).
 * Streaming yields on a time budget (`ChatOptions.refresh_s`), not once per token: every
   yield re-sends and re-renders the answer's markdown, which is what makes long answers slow.
 * Stop: the textbox's stop button cancels the reply (Gradio closes the generator) and sets the
   session's stop flag, which ends the decode loop at the next token even between refreshes.
 
-This module never touches arrays or jax; message normalisation is made of pure functions.
+This module never touches jax; message normalisation, stats and panel text are pure
+functions in `gemma_app.ui_messages` (re-exported here).
 """
 
 from __future__ import annotations
@@ -24,23 +32,51 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
 from gemma_app import media
 from gemma_app.sessions import (
+    THOUGHT,
     CacheFullError,
-    ReplyStats,
     SamplingSettings,
     SessionBusyError,
     SessionLimitError,
     SessionRegistry,
-    kv_cache_bytes,
+)
+
+# The pure helpers, re-exported: `ui.history_turns` etc. are part of this module's API.
+from gemma_app.ui_messages import (  # noqa: F401
+    ChatTurn,
+    Message,
+    Throttle,
+    UserTurn,
+    apply_edit,
+    banner_text,
+    contains_control_text,
+    format_stats,
+    history_pairs,
+    history_turns,
+    is_thought,
+    message_files,
+    message_text,
+    model_card,
+    reads_text,
+    retry_history,
+    settle_thoughts,
+    shown,
+    split_pending,
+    text_message,
+    thought_message,
+    undo_history,
+    unshown,
+    user_message,
+    with_answer,
+    with_reply,
+    without_pending,
 )
 
 __all__ = [
@@ -70,30 +106,6 @@ LATEX_DELIMITERS = [
     {"left": "\\(", "right": "\\)", "display": False},
 ]
 
-# Text that spells a Gemma control token. The engine encodes it as plain text; the UI only
-# tells the user so, because such a message may not mean what they expect.
-_CONTROL_TEXT = re.compile(
-    r"<(?:start_of_turn|end_of_turn|bos|eos|pad|start_of_image|end_of_image"
-    r"|image_soft_token|unused\d+)>|<\|turn>|<turn\|>"
-)
-
-# What follows "<" in a Gemma tag (`<start_of_turn>`, `<escape>`, `<unused7>`, `<|turn>`, ...).
-# The Chatbot renders markdown with HTML, where such text is an unknown tag and vanishes, so a
-# user's typed `<start_of_turn>` or a model's `<escape>` would silently disappear. Showing it as
-# `<` + ZERO WIDTH SPACE + rest stops the tag parse (the text looks the same, also inside code
-# blocks); `unshown` removes exactly those marks when the page sends the history back. (A
-# copied message keeps the invisible mark.)
-_TAG_REST = (
-    r"(?:(?:pad|eos|bos|unk|mask|escape)>|unused\d+>|(?:start|end)_[a-z_]+>"
-    r"|[a-z_]+_soft_token>|\|[^<>\s]*>|[^<>\s|]*\|>)"
-)
-# Marks already in the text are kept by adding one more, so the two are exact inverses.
-_SHOW_TAG = re.compile("<(?=\u200b*" + _TAG_REST + ")")
-_UNSHOW_TAG = re.compile("<\u200b(?=\u200b*" + _TAG_REST + ")")
-
-Message = dict[str, Any]  # a Gradio 6 chat message: {"role", "content": [blocks], ...}
-
-
 # ---------------------------------------------------------------------------------------------
 # Options.
 # ---------------------------------------------------------------------------------------------
@@ -122,294 +134,6 @@ class ChatOptions:
     refresh_s: float = 0.05
     max_attachments: int = 4
     media_limits: media.MediaLimits = media.DEFAULT_LIMITS
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure message helpers (Gradio 6 messages: content is a list of {"type": ...} blocks).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class UserTurn:
-    """What the user sent in one turn: text and attachment paths."""
-
-    text: str
-    files: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTurn:
-    """One exchange as shown in the browser; `answer` is None while it awaits a reply."""
-
-    user: UserTurn
-    answer: str | None
-
-
-def shown(text: str) -> str:
-    """The text as put in the Chatbot: Gemma tags defused so the page displays them."""
-    return _SHOW_TAG.sub("<\u200b", text)
-
-
-def unshown(text: str) -> str:
-    """Inverse of `shown`: the text as typed by the user or written by the model."""
-    return _UNSHOW_TAG.sub("<", text)
-
-
-def text_message(role: str, text: str) -> Message:
-    # A text block, not a bare string: Gradio runs bare strings through inspect.cleandoc,
-    # which would change the text (indentation, blank lines) the sampler compares against.
-    return {"role": role, "content": [{"type": "text", "text": shown(text)}]}
-
-
-def user_message(text: str, files: Sequence[str] = ()) -> Message:
-    """A user message with its text (if any) and attachments, as one chat message."""
-    content: list[dict] = [{"type": "text", "text": shown(text)}] if text else []
-    content += [{"type": "file", "file": {"path": str(path)}} for path in files]
-    return {"role": "user", "content": content}
-
-
-def _blocks(message: Message) -> list:
-    content = message.get("content")
-    if content is None:
-        return []
-    return content if isinstance(content, list) else [content]
-
-
-def message_text(message: Message) -> str:
-    """The text of a message as typed or generated (text blocks joined by newlines)."""
-    texts = []
-    for block in _blocks(message):
-        if isinstance(block, str):
-            texts.append(block)
-        elif isinstance(block, dict) and block.get("type", "text") == "text" and "text" in block:
-            texts.append(block["text"])
-    return unshown("\n".join(texts))
-
-
-def message_files(message: Message) -> list[str]:
-    """The attachment paths of a message."""
-    paths = []
-    for block in _blocks(message):
-        if not isinstance(block, dict):
-            continue
-        file = block.get("file") if block.get("type") == "file" else block
-        if isinstance(file, dict) and file.get("path"):
-            paths.append(file["path"])
-    return paths
-
-
-def _is_visible_turn_part(message: Message) -> bool:
-    # System messages and "thought" bubbles (metadata with a title) are not conversation.
-    metadata = message.get("metadata") or {}
-    return message.get("role") in ("user", "assistant") and not metadata.get("title")
-
-
-def history_turns(history: Sequence[Message]) -> list[ChatTurn]:
-    """Groups a Chatbot value into turns: consecutive user messages, then assistant messages."""
-    turns: list[ChatTurn] = []
-    texts: list[str] = []
-    files: list[str] = []
-    answer: list[str] | None = None
-
-    def close() -> None:
-        if texts or files or answer is not None:
-            user = UserTurn("\n".join(texts), tuple(files))
-            turns.append(ChatTurn(user, None if answer is None else "\n".join(answer)))
-
-    for message in history or []:
-        if not _is_visible_turn_part(message):
-            continue
-        if message["role"] == "user":
-            if answer is not None:  # a user message after an answer starts the next turn
-                close()
-                texts, files, answer = [], [], None
-            if text := message_text(message):
-                texts.append(text)
-            files += message_files(message)
-        else:
-            answer = (answer or []) + [message_text(message)]
-    close()
-    return turns
-
-
-def history_pairs(turns: Sequence[ChatTurn]) -> list[tuple[str, str]]:
-    """(user text, answer) for the sampler; only answered turns."""
-    return [(t.user.text, t.answer) for t in turns if t.answer is not None]
-
-
-def split_pending(history: Sequence[Message]) -> tuple[list[ChatTurn], UserTurn | None]:
-    """(answered turns, the trailing user turn awaiting an answer or None)."""
-    turns = history_turns(history)
-    if turns and turns[-1].answer is None:
-        return turns[:-1], turns[-1].user
-    return turns, None
-
-
-def _last_user_index(history: Sequence[Message]) -> int | None:
-    """Index of the first message of the last user turn, or None."""
-    i = len(history) - 1
-    while i >= 0 and history[i].get("role") != "user":
-        i -= 1
-    if i < 0:
-        return None
-    while i > 0 and history[i - 1].get("role") == "user":
-        i -= 1
-    return i
-
-
-def retry_history(history: Sequence[Message]) -> list[Message]:
-    """The history without the last answer, so the last user turn is answered again."""
-    history = list(history or [])
-    while history and history[-1].get("role") != "user":
-        history.pop()
-    return history
-
-
-def undo_history(history: Sequence[Message]) -> tuple[list[Message], UserTurn | None]:
-    """(history without the last user turn and its answer, that user turn) for undo."""
-    history = list(history or [])
-    start = _last_user_index(history)
-    if start is None:
-        return history, None
-    removed = history_turns(history[start:])
-    return history[:start], (removed[0].user if removed else None)
-
-
-def apply_edit(history: Sequence[Message], index: int | Sequence[int], text: str) -> list[Message]:
-    """The history after the user edited message `index` to `text`: later messages are dropped.
-
-    `index` is a message index, or [message, content block] as Gradio sends for multi-part
-    messages. Attachments of the edited message are kept.
-    """
-    history = list(history or [])
-    i = index[0] if isinstance(index, list | tuple) else index
-    if not 0 <= i < len(history):
-        return history
-    message = dict(history[i])
-    kept = [b for b in _blocks(message) if not (isinstance(b, dict) and b.get("type") == "text")]
-    kept = [b for b in kept if not isinstance(b, str)]
-    message["content"] = ([{"type": "text", "text": shown(unshown(text))}] if text else []) + kept
-    return history[:i] + [message]
-
-
-def with_answer(history: Sequence[Message], answer: str) -> list[Message]:
-    """The history with `answer` as the reply to its trailing user turn."""
-    return [*history, text_message("assistant", answer)]
-
-
-def without_pending(history: Sequence[Message]) -> list[Message]:
-    """The history without its trailing unanswered user messages (a refused message)."""
-    history = list(history or [])
-    while history and history[-1].get("role") == "user":
-        history.pop()
-    return history
-
-
-def contains_control_text(text: str) -> bool:
-    return bool(_CONTROL_TEXT.search(text or ""))
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming and statistics.
-# ---------------------------------------------------------------------------------------------
-
-
-class Throttle:
-    """True at most once per `interval_s` (and always on the first call)."""
-
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
-        self.interval_s = interval_s
-        self._clock = clock
-        self._next = -float("inf")
-
-    def ready(self) -> bool:
-        now = self._clock()
-        if now < self._next:
-            return False
-        self._next = now + self.interval_s
-        return True
-
-
-def format_stats(stats: ReplyStats | None) -> str:
-    """One status line: tokens, time to first token, tokens/s, context used."""
-    if stats is None:
-        return ""
-    parts = [f"**{stats.answer_tokens} tokens**"]
-    if stats.ttft_s is not None:
-        parts.append(f"first token {stats.ttft_s:.2f} s")
-    if stats.tokens_per_s is not None:
-        parts.append(f"{stats.tokens_per_s:.1f} tokens/s")
-    if stats.finished and stats.context_length:
-        share = 100 * stats.context_used / stats.context_length
-        parts.append(
-            f"context {stats.context_used:,} / {stats.context_length:,} tokens ({share:.0f}%)"
-        )
-    if stats.stopped:
-        parts.append("stopped")
-    elif stats.finished and not stats.complete:
-        parts.append("cut off (max new tokens or full context)")
-    return ("Writing… " if not stats.finished else "") + " · ".join(parts)
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return str(count)
-
-
-def _device(params) -> str:
-    """The device of the first parameter array, read off the array itself (no jax import)."""
-    leaf = params
-    while isinstance(leaf, dict) and leaf:
-        leaf = next(iter(leaf.values()))
-    try:
-        device = next(iter(leaf.devices()))
-        kind = getattr(device, "device_kind", "")
-        return device.platform if kind.lower() == device.platform else f"{device.platform} ({kind})"
-    except (AttributeError, StopIteration, TypeError):
-        return "unknown"
-
-
-def model_card(engine, options: ChatOptions, registry: SessionRegistry | None = None) -> str:
-    """The model panel: family, size, dtypes, device, context, capabilities, session budget."""
-    if engine is None:
-        return "No model is loaded."
-    config = engine.config
-    kv = kv_cache_bytes(config, options.cache_length, engine.dtype)
-    reads = ["text"] + (["images"] if engine.supports_images else [])
-    reads += ["audio"] if engine.supports_audio else []
-    random = engine.is_demo and "random weights" not in engine.name
-    rows = [
-        ("Model", f"`{engine.name}`" + (" (random weights)" if random else "")),
-        ("Family", f"Gemma {config.family}"),
-        ("Size", f"{_size(engine.num_params)} parameters"),
-        ("Layers / heads", f"{config.num_layers} / {config.num_heads} (KV {config.num_kv_heads})"),
-        ("Weights dtype", str(engine.param_dtype)),
-        ("Compute dtype", getattr(engine.dtype, "__name__", str(engine.dtype))),
-        ("Device", _device(engine.params)),
-        ("Context length", f"{options.cache_length:,} tokens"),
-        ("Max answer", f"{options.max_out_length:,} tokens"),
-        ("Reads", ", ".join(reads)),
-        ("KV cache / chat", f"{kv / 2**20:,.1f} MiB"),
-    ]
-    if registry is not None:
-        rows.append(("Chats kept", f"up to {registry.capacity} (idle ones expire)"))
-    # A list, not a table: the panel is a narrow side column.
-    return "\n".join(f"- **{key}:** {value}" for key, value in rows)
-
-
-def banner_text(engine, notice: str | None) -> str:
-    """The warning banner: a load failure, or the demo model's random weights."""
-    if notice:
-        return f"❌ **{notice}** The app is running without a model: messages cannot be answered."
-    if engine is not None and engine.is_demo:
-        return (
-            "⚠️ **Demo model: random weights.** This is a tiny untrained Gemma 3-architecture "
-            "model, so its answers are gibberish. It shows the app working end to end; start "
-            "the app with `--model gemma3-1b-it` (see the README) for real answers."
-        )
-    return ""
 
 
 def launch_style() -> dict:
@@ -473,18 +197,19 @@ class _ChatApp:
         return None
 
     def _past_turns(self, done: Sequence[ChatTurn]) -> list[tuple]:
-        """The answered turns for the sampler; with their images when the model reads them.
+        """The answered turns for the sampler; with their images and audio when the model
+        reads them, as `(user, answer, images, audio)`.
 
-        The sampler compares them (content hashes) with its own turns, so an image turn is
+        The sampler compares them (content hashes) with its own turns, so a media turn is
         reused from the cache, not re-encoded, as long as the page still shows it.
         """
-        if not self.engine.supports_images:
+        if not (self.engine.supports_images or self.engine.supports_audio):
             return history_pairs(done)
-        return [
-            (t.user.text, t.answer, self.decode_attachments(t.user.files)["images"])
-            for t in done
-            if t.answer is not None
-        ]
+        past = []
+        for turn in (t for t in done if t.answer is not None):
+            decoded = self.decode_attachments(turn.user.files)
+            past.append((turn.user.text, turn.answer, decoded["images"], decoded["audio"]))
+        return past
 
     def decode_attachments(self, files: Sequence[str]) -> dict[str, list]:
         """A message's attachments as arrays by kind, for the sampler (see `Session.reply`)."""
@@ -524,6 +249,7 @@ class _ChatApp:
         self,
         history: list[Message],
         system_prompt: str,
+        thinking: bool,
         greedy: bool,
         temperature: float,
         top_k: float,
@@ -533,7 +259,11 @@ class _ChatApp:
         seed: float | None,
         request: gr.Request,
     ) -> Iterator[tuple]:
-        """Streams the answer to the trailing user message: (chatbot, textbox, stats)."""
+        """Streams the answer to the trailing user message: (chatbot, textbox, stats).
+
+        With `thinking` (Gemma 4 models only) the thoughts stream into a collapsible box above
+        the answer; they are never part of the answer the next turns see.
+        """
         history = list(history or [])
         done, pending = split_pending(history)
         if pending is None or self.engine is None:
@@ -546,24 +276,39 @@ class _ChatApp:
         try:
             sampling = settings.method()
             attachments = self.decode_attachments(pending.files)
+            past = self._past_turns(done)
             session = self.registry.get(request.session_hash)
         except (ValueError, SessionLimitError) as e:  # MediaError is a ValueError
             yield self._refuse(history, pending, str(e))
             return
-        reply = session.reply(
-            self._past_turns(done), pending.text, system_prompt=system_prompt, sampling=sampling,
+        reply = session.reply_parts(
+            past, pending.text, system_prompt=system_prompt, sampling=sampling,
             rng=settings.rng(), max_new_tokens=_as_int(max_new_tokens), media=attachments,
+            thinking=bool(thinking) and self.engine.supports_thinking,
         )  # fmt: skip
         yield from self._stream(history, pending, reply, session)
 
     def _stream(self, history, pending: UserTurn, reply, session) -> Iterator[tuple]:
-        answer = ""
+        answer = thought = ""
+        thought_s, start = None, time.monotonic()
         throttle = Throttle(self.options.refresh_s)
+
+        def shown_reply() -> list[Message]:
+            thinking = bool(thought) and not answer and thought_s is None
+            return with_reply(
+                history, answer, thought, thinking=thinking, thought_seconds=thought_s
+            )
+
         try:
-            for delta in reply:
-                answer += delta
+            for channel, delta in reply:
+                if channel == THOUGHT:
+                    thought += delta
+                else:
+                    if thought and thought_s is None:  # the answer begins: fold the thoughts
+                        thought_s = time.monotonic() - start
+                    answer += delta
                 if throttle.ready():
-                    yield with_answer(history, answer), gr.skip(), format_stats(session.last_stats)
+                    yield shown_reply(), gr.skip(), format_stats(session.last_stats)
         except (ValueError, SessionBusyError) as e:  # CacheFullError is a ValueError
             yield self._refuse(history, pending, _explain(e))
             return
@@ -575,10 +320,12 @@ class _ChatApp:
             return
         finally:
             reply.close()  # on stop/disconnect: ends the decode loop, keeps the partial answer
+        if thought and thought_s is None:  # cut (or stopped) while thinking
+            thought_s = time.monotonic() - start
         stats = session.last_stats
         if stats and not stats.complete and stats.context_used >= stats.context_length - 1:
             gr.Warning("The context is full, so the answer was cut. Start a new chat to go on.")
-        yield with_answer(history, answer), gr.skip(), format_stats(stats)
+        yield shown_reply(), gr.skip(), format_stats(stats)
 
     @staticmethod
     def _refuse(history, pending: UserTurn, message: str) -> tuple:
@@ -606,7 +353,11 @@ class _ChatApp:
         history, removed = undo_history(history)
         session = self.registry.peek(request.session_hash)
         if session is not None:
-            session.sync(history_pairs(history_turns(history)), system_prompt=system_prompt)
+            try:  # with the turns' media, so the kept image/audio turns keep their cache
+                past = self._past_turns(history_turns(history))
+            except ValueError:  # an upload that expired: the next reply says so
+                past = history_pairs(history_turns(history))
+            session.sync(past, system_prompt=system_prompt)
         if removed is None:
             return history, gr.skip()
         return history, {"text": removed.text, "files": list(removed.files)}
@@ -616,16 +367,19 @@ class _ChatApp:
         self.registry.drop(request.session_hash)
         return [], ""
 
-    def after_reply(self, request: gr.Request):
+    def after_reply(self, history: list[Message], request: gr.Request):
         """Unlocks the textbox and shows the final statistics, also after a cancelled reply.
 
         A cancelled reply cannot send its last update (the page stops listening), so the
-        statistics line would keep its live "Writing…" text; this event runs after it either way.
+        statistics line would keep its live "Writing…" text, and thoughts stopped mid-way their
+        open "Thinking…" box; this event runs after it either way and settles both.
         """
+        settled = settle_thoughts(history)
+        chat = gr.skip() if settled is None else settled
         session = self.registry.peek(request.session_hash)
         if session is None or not session.wait_idle(timeout_s=5.0):
-            return _unlocked_textbox(), gr.skip()
-        return _unlocked_textbox(), format_stats(session.last_stats)
+            return chat, _unlocked_textbox(), gr.skip()
+        return chat, _unlocked_textbox(), format_stats(session.last_stats)
 
     def stop(self, request: gr.Request) -> None:
         if self.engine is None:
@@ -744,6 +498,11 @@ def build_demo(
             with gr.Column(scale=3, min_width=360):
                 chatbot, textbox, stats = _chat_column(engine, options)
             with gr.Column(scale=1, min_width=280):
+                thinking = gr.Checkbox(
+                    False, label="Thinking", elem_id="thinking",
+                    info="Think before answering; the thoughts appear folded above the answer.",
+                    visible=bool(engine and engine.supports_thinking),  # Gemma 4 only
+                )  # fmt: skip
                 with gr.Accordion("System prompt", open=False):
                     system = gr.Textbox(
                         show_label=False, lines=3,
@@ -754,14 +513,13 @@ def build_demo(
                 new_chat = gr.Button("New chat", variant="secondary")
                 with gr.Accordion("Model", open=False):
                     gr.Markdown(model_card(engine, options, registry if engine else None))
-        _wire(demo, app, chatbot, textbox, stats, system, sampling, new_chat)
+        _wire(demo, app, chatbot, textbox, stats, [system, thinking, *sampling], new_chat)
     demo.queue(max_size=options.queue_size)
     return demo
 
 
 def _chat_column(engine, options: ChatOptions):
-    reads = "text" + (", images" if engine and engine.supports_images else "")
-    reads += ", audio" if engine and engine.supports_audio else ""
+    reads = reads_text(engine) if engine else "text"
     chatbot = gr.Chatbot(
         label="Chat", scale=1, min_height=420, editable="user", buttons=["copy", "copy_all"],
         latex_delimiters=LATEX_DELIMITERS, placeholder="Ask anything. Enter sends.",
@@ -788,7 +546,9 @@ def _chat_column(engine, options: ChatOptions):
     return chatbot, textbox, stats
 
 
-def _wire(demo, app: _ChatApp, chatbot, textbox, stats, system, sampling, new_chat) -> None:
+def _wire(demo, app: _ChatApp, chatbot, textbox, stats, settings, new_chat) -> None:
+    """Events. `settings` are the reply's inputs after the chat: system prompt, thinking,
+    then the sampling controls (the order of `_ChatApp.respond`'s parameters)."""
     cheap = {"concurrency_limit": None, "show_progress": "hidden"}
     # Every reply runs in one shared lane: retry and edit must not double the GPU load.
     lane = {
@@ -797,7 +557,8 @@ def _wire(demo, app: _ChatApp, chatbot, textbox, stats, system, sampling, new_ch
         "show_progress": "minimal",
         "show_progress_on": [chatbot],  # queue position on the chat, not over the stats line
     }
-    reply_inputs = [chatbot, system, *sampling]
+    reply_inputs = [chatbot, *settings]
+    system = settings[0]
     reply_outputs = [chatbot, textbox, stats]
 
     def reply_chain(event, api_name: str | None):
@@ -808,7 +569,8 @@ def _wire(demo, app: _ChatApp, chatbot, textbox, stats, system, sampling, new_ch
         )  # fmt: skip
         # Runs after a cancelled reply too, so stop always gives the textbox back.
         reply.then(
-            app.after_reply, None, [textbox, stats], queue=False, api_visibility="private",
+            app.after_reply, [chatbot], [chatbot, textbox, stats], queue=False,
+            api_visibility="private",
             show_progress="hidden",  # a progress overlay here would cover the stop button
         )  # fmt: skip
         return reply

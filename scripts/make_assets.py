@@ -2,7 +2,8 @@
 
 Everything is made here, so the repository ships no third-party media:
 
-* images are drawn with PIL (shapes and a bar chart);
+* images are drawn with PIL (shapes, a bar chart, and a wide timeline strip for the
+  any-aspect-ratio image path of Gemma 4);
 * speech is synthesised with espeak-ng (`apt-get install -y espeak-ng`), converted to
   16 kHz mono 16-bit WAV (the rate of the Gemma audio encoders).
 
@@ -67,6 +68,25 @@ def draw_chart(path: Path) -> None:
     image.save(path, optimize=True)
 
 
+def draw_timeline(path: Path) -> None:
+    """A wide 1024x160 strip (6.4:1): Gemma 4 keeps the aspect ratio, Gemma 3 squashes it."""
+    events = {1969: "Moon landing", 1989: "Web", 2007: "Smartphone", 2017: "Transformer"}
+    image = Image.new("RGB", (1024, 160), (250, 250, 246))
+    draw = ImageDraw.Draw(image)
+    left, right, y = 40, 984, 90
+
+    def x_of(year: int) -> int:
+        return left + (year - 1960) * (right - left) // (2025 - 1960)
+
+    draw.line((left, y, right, y), fill=(60, 60, 60), width=3)
+    for year, label in events.items():
+        x = x_of(year)
+        draw.ellipse((x - 7, y - 7, x + 7, y + 7), fill=(203, 75, 22))
+        draw.text((x - 22, y + 14), str(year), fill="black", font=FONT)
+        draw.text((x - 50, y - 44), label, fill=(38, 139, 210), font=FONT)
+    image.save(path, optimize=True)
+
+
 def speak(text: str, path: Path) -> None:
     """espeak-ng -> WAV at its own rate -> 16 kHz mono PCM-16 (deterministic for one version)."""
     espeak = shutil.which("espeak-ng")
@@ -83,9 +103,10 @@ def speak(text: str, path: Path) -> None:
 
 def make_all(out: Path = OUT) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "shapes.png", out / "chart.png"]
+    paths = [out / "shapes.png", out / "chart.png", out / "timeline.png"]
     draw_shapes(paths[0])
     draw_chart(paths[1])
+    draw_timeline(paths[2])
     for name, text in SPEECH.items():
         speak(text, out / name)
         paths.append(out / name)

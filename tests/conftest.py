@@ -18,10 +18,20 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def demo_engine():
-    """The built-in demo engine (tiny Gemma 3 architecture, random weights, our tokenizer)."""
+    """The Gemma 3 demo engine (tiny Gemma 3 architecture, toy SigLIP, random weights, our
+    Gemma 3 tokenizer): text and images, no audio, no thinking. `--model demo-gemma3`."""
     from gemma_app.engine import demo_engine
 
-    return demo_engine()
+    return demo_engine(family=3)
+
+
+@pytest.fixture(scope="session")
+def gemma4_demo():
+    """The default demo engine (`python app.py`): tiny Gemma 4 architecture with toy image and
+    audio encoders, random weights, our Gemma 4 tokenizer."""
+    from gemma_app.engine import demo_engine
+
+    return demo_engine(family=4)
 
 
 # -- the Gradio app (app.py) on loopback, for tests/test_ui*.py, test_load.py, test_browser.py --
@@ -93,6 +103,7 @@ class ChatDriver:
 
     SAMPLING = {
         "system_prompt": "",
+        "thinking": False,
         "greedy": True,
         "temperature": 1.0,
         "top_k": 64,

@@ -91,6 +91,17 @@ def test_a_model_that_fails_to_load_leaves_the_app_up_with_a_banner(launch_app, 
     assert toasts[0][0] == "warning" and toasts[0][1].startswith("No model is loaded")
 
 
+def test_warm_up_compiles_the_image_path_and_the_usual_audio_buckets(gemma4_demo, demo_engine):
+    from gemma_app import audio_input
+    from gemma_app.nn import audio
+
+    calls = app_module._warm_up_media(gemma4_demo)
+    assert [list(c) for c in calls] == [["images"]] + [["audio"]] * 4
+    frames = [audio_input.num_mel_frames(c["audio"][0].size) for c in calls[1:]]
+    assert [audio.frame_bucket(f) for f in frames] == [128, 256, 512, 1024]  # up to ~10 s
+    assert [list(c) for c in app_module._warm_up_media(demo_engine)] == [["images"]]
+
+
 def _serve(args: list[str], env: dict, timeout_s: float):
     """Runs `python app.py ARGS` until it prints its URL; returns (process, url, output)."""
     process = subprocess.Popen(

@@ -1,5 +1,8 @@
 """A real browser: Debian's headless Chromium, driven by Playwright, against the demo app.
 
+The app is the default one (`python app.py`): the tiny Gemma 4 demo, which reads text, images
+and audio. Chromium's fake microphone plays a spoken example question (a WAV file).
+
 Playwright comes from pip without its own browser download (never `playwright install`); the
 test uses /usr/bin/chromium (`apt-get install -y chromium`) and skips when it is absent.
 Every request that leaves 127.0.0.1 is blocked and recorded: the page must need none.
@@ -20,11 +23,12 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
-    # A fake microphone (a beep) that needs no permission prompt.
+    # A fake microphone that needs no permission prompt and plays a spoken question.
     "--use-fake-device-for-media-stream",
     "--use-fake-ui-for-media-stream",
 ]
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+SPOKEN = EXAMPLES / "question_capital.wav"
 TIMEOUT_MS = 60_000
 STOP_TOKENS = 3000
 
@@ -60,11 +64,17 @@ STOP_ON_FIRST_TEXT = """() => {
 
 
 @pytest.fixture(scope="module")
-def page(launch_app):
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
-    # A long context, so the stopped answer can be long (3000 tokens, seconds even for the fast
-    # demo model): the stop must land while it is still being written.
-    _, url = launch_app(warmup=True, cache_length=4096, max_out_length=STOP_TOKENS)
+    with sync_api.sync_playwright() as playwright:
+        args = [*ARGS, f"--use-file-for-fake-audio-capture={SPOKEN}"]
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str):
+    """A tab on `url` that may use the microphone; requests off 127.0.0.1 are blocked."""
     external = []
 
     def loopback_only(route):
@@ -74,19 +84,41 @@ def page(launch_app):
             external.append(route.request.url)
             route.abort()
 
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(
-            viewport={"width": 1280, "height": 900}, permissions=["microphone"]
-        )
-        context.set_default_timeout(TIMEOUT_MS)
-        context.route("**/*", loopback_only)
-        page = context.new_page()
-        page.goto(url)
-        page.external_requests = external
-        page.app_url = url
-        yield page
-        browser.close()
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, permissions=["microphone"]
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    context.route("**/*", loopback_only)
+    page = context.new_page()
+    page.goto(url)
+    page.external_requests = external
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(launch_app, demo_engine, browser):
+    """The Gemma 3 demo: its greedy answers never end early, so lengths and the stop are exact.
+
+    A long context, so the stopped answer can be long (3000 tokens, seconds even for the fast
+    demo model): the stop must land while it is still being written.
+    """
+    _, url = launch_app(
+        engine=demo_engine, warmup=True, cache_length=4096, max_out_length=STOP_TOKENS
+    )
+    page = open_page(browser, url)
+    yield page
+    page.context.close()
+
+
+@pytest.fixture(scope="module")
+def page_gemma4(launch_app, gemma4_demo, browser):
+    """The default app (`python app.py`): the tiny Gemma 4 demo, which listens. No warm-up:
+    the first recording compiles the audio path (seconds), which the test can wait for."""
+    app, url = launch_app(engine=gemma4_demo, warmup=False)
+    page = open_page(browser, url)
+    page.app = app
+    yield page
+    page.context.close()
 
 
 def send(page, text: str) -> None:
@@ -157,17 +189,31 @@ def test_chat_stream_stop_and_refused_upload_in_chromium(page, tmp_path):
     assert page.external_requests == []
 
 
-def test_a_microphone_recording_goes_through_and_is_refused_by_a_text_model(page):
+def test_a_microphone_recording_is_answered_by_the_gemma4_demo(page_gemma4):
     from playwright.sync_api import expect
 
-    page.goto(page.app_url)  # a fresh tab: a new session and an empty textbox
+    page = page_gemma4
+    expect(page.locator("#banner")).to_contain_text("Gemma 4-architecture")
+    # Default sampling (not greedy): the demo's sampled answers run for hundreds of tokens,
+    # so the answer visibly streams.
+    set_max_new_tokens(page, 400)
+    page.evaluate(RECORD_LENGTHS)
     page.get_by_role("button", name="Record audio").click()
     page.get_by_role("button", name="Start recording").click()
-    page.wait_for_timeout(1500)  # Chromium's fake microphone beeps
+    page.wait_for_timeout(2000)  # Chromium's fake microphone plays the spoken question
     page.get_by_role("button", name="Stop recording").click()
     page.get_by_role("button", name="Attach audio").click()
     send(page, "What did I say?")
-    # The recording was uploaded and decoded (a bad file gets another message), then gated.
-    expect(page.get_by_text("Audio is not supported by this model").first).to_be_visible()
-    expect(page.locator('[data-testid="user"]')).to_have_count(0)
+    # The recording was uploaded, decoded (44.1 kHz WAV -> 16 kHz mono), encoded by the toy
+    # conformer and answered: the message keeps its audio and the answer streams in.
+    expect(page.locator("#answer-stats")).to_contain_text("context", timeout=TIMEOUT_MS)
+    assert page.get_by_text("not supported by this model").count() == 0
+    expect(page.locator('[data-testid="bot"]')).to_have_count(1)
+    assert page.locator('[data-testid="bot"]').first.inner_text()
+    # The server's side of it: one chat, whose first turn holds one audio clip.
+    (session,) = map(page.app.registry.peek, page.app.registry.keys())  # not a dict
+    (turn,) = session.sampler.turns
+    assert len(turn.audio) == 1 and turn.user == "What did I say?" and turn.answer
+    lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
+    assert len(set(lengths)) >= 2 and lengths == sorted(lengths), lengths
     assert page.external_requests == []

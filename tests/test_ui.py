@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from gemma_app import ui
+from gemma_app import ui, ui_messages
 from gemma_app.sessions import ReplyStats
 
 
@@ -56,6 +56,34 @@ def test_history_turns_groups_consecutive_messages_and_skips_thoughts():
     assert done == turns[:1] and pending == ui.UserTurn("next")
 
 
+def test_a_reply_with_thoughts_is_a_collapsible_box_and_then_the_answer():
+    history = [user("q")]
+    writing = ui.with_reply(history, "", "Let me think", thinking=True)
+    assert writing[1]["metadata"] == {"title": ui_messages.THINKING_TITLE, "status": "pending"}
+    assert len(writing) == 2  # no empty answer bubble while thinking
+    done = ui.with_reply(history, "4", "2 + 2 = 4", thought_seconds=1.234)
+    box, answer = done[1:]
+    assert box["metadata"] == {
+        "title": ui_messages.THOUGHT_TITLE, "status": "done", "duration": 1.2,
+    }  # fmt: skip
+    assert ui.is_thought(box) and not ui.is_thought(answer)
+    assert ui.message_text(box) == "2 + 2 = 4" and answer == bot("4")
+    # The sampler sees the answer only; thoughts never reach the next turns.
+    assert ui.history_pairs(ui.history_turns([*done, user("next")])) == [("q", "4")]
+    # Stopped while thinking: the box alone marks the turn as answered (with "").
+    stopped = ui.with_reply(history, "", "hmm", thought_seconds=0.5)
+    assert ui.split_pending(stopped) == ([ui.ChatTurn(ui.UserTurn("q"), "")], None)
+    assert ui.retry_history(done) == history and ui.undo_history(done) == ([], ui.UserTurn("q"))
+    assert ui.with_reply(history, "plain") == ui.with_answer(history, "plain")
+    # A reply cancelled while thinking: its open box is folded afterwards.
+    assert ui_messages.settle_thoughts(done) is None
+    settled = ui_messages.settle_thoughts(writing)
+    assert (
+        settled[1]["metadata"]["status"] == "done" and ui.message_text(settled[1]) == "Let me think"
+    )
+    assert writing[1]["metadata"]["status"] == "pending"  # the input is not mutated
+
+
 def test_split_pending_on_answered_and_empty_histories():
     assert ui.split_pending([]) == ([], None)
     done, pending = ui.split_pending([user("q"), bot("")])  # a reply stopped before any text
@@ -93,6 +121,8 @@ def test_with_answer_and_without_pending():
 
 def test_control_text_detection():
     assert ui.contains_control_text("x <start_of_turn>model")
+    assert ui.contains_control_text("<|channel>thought") and ui.contains_control_text("<|think|>")
+    assert ui.contains_control_text("<|audio|>") and ui.contains_control_text("a<turn|>")
     assert ui.contains_control_text("<end_of_turn>") and ui.contains_control_text("<unused12>")
     assert not ui.contains_control_text("a <b>bold</b> <start of turn>")
 
@@ -138,18 +168,24 @@ def test_format_stats_while_streaming_and_when_done():
     assert ui.format_stats(stopped).endswith("stopped")
 
 
-def test_banner_labels_the_demo_and_load_failures(demo_engine):
+def test_banner_labels_the_demo_and_load_failures(demo_engine, gemma4_demo):
     assert "random weights" in ui.banner_text(demo_engine, None)
+    banner = ui.banner_text(gemma4_demo, None)
+    assert "Demo model: random weights" in banner and "Gemma 4-architecture" in banner
+    assert "reads text, images and audio" in banner and "microphone" in banner
     failed = ui.banner_text(None, "Could not load model `x`: nope.")
     assert failed.startswith("❌ **Could not load model `x`: nope.**")
     assert ui.banner_text(None, None) == ""
 
 
-def test_model_card_lists_what_the_panel_promises(demo_engine):
+def test_model_card_lists_what_the_panel_promises(demo_engine, gemma4_demo):
     card = ui.model_card(demo_engine, ui.ChatOptions(cache_length=1024))
     for needle in ("Gemma 3", "parameters", "float32", "cpu", "1,024 tokens", "**Reads:** text"):
         assert needle in card
     assert ui.model_card(None, ui.ChatOptions()) == "No model is loaded."
+    card = ui.model_card(gemma4_demo, ui.ChatOptions(cache_length=1024))
+    assert "Gemma 4" in card and "**Reads:** text, images and audio" in card
+    assert "**Thinking mode:** yes" in card
 
 
 def _component(demo, cls, **props):
@@ -177,6 +213,17 @@ def test_layout_has_the_promised_controls(demo_engine):
     _component(demo, gr.Number, label="Seed")
     banner = _component(demo, gr.Markdown, elem_id="banner")
     assert "random weights" in banner.value
+    assert not _component(demo, gr.Checkbox, label="Thinking").visible  # Gemma 3: no thinking
+
+
+def test_the_thinking_switch_is_shown_for_gemma4_models(gemma4_demo):
+    demo = ui.build_demo(gemma4_demo)
+    thinking = _component(demo, gr.Checkbox, label="Thinking")
+    assert thinking.visible and thinking.value is False
+    respond = next(fn for fn in demo.fns.values() if fn.name == "respond")
+    assert [c._id for c in respond.inputs[1:3]] == [  # after the chat: system prompt, thinking
+        _component(demo, gr.Textbox, lines=3)._id, thinking._id,
+    ]  # fmt: skip
 
 
 def test_generation_events_share_one_lane(demo_engine):
@@ -187,14 +234,30 @@ def test_generation_events_share_one_lane(demo_engine):
     assert demo._queue.max_size == ui.ChatOptions().queue_size
 
 
-def test_examples_come_from_assets_and_are_marked_by_what_the_model_reads(demo_engine):
+def test_examples_come_from_assets_and_are_marked_by_what_the_model_reads(demo_engine, gemma4_demo):
     sets = {label: (examples, usable) for label, examples, usable in ui.example_sets(demo_engine)}
     assert sets["Try"][1] and all(not e["files"] for e in sets["Try"][0])
     images, usable = sets["Images"]  # the demo reads images (a toy SigLIP), not audio
-    assert usable and {Path(e["files"][0]).name for e in images} >= {"shapes.png", "chart.png"}
+    assert usable and {Path(e["files"][0]).name for e in images} >= {
+        "shapes.png",
+        "chart.png",
+        "timeline.png",
+    }
     assert not sets["Spoken questions"][1]
     text_only = dataclasses.replace(demo_engine, supports_images=False)
     assert not dict((label, usable) for label, _, usable in ui.example_sets(text_only))["Images"]
+    gemma4 = {label: usable for label, _, usable in ui.example_sets(gemma4_demo)}
+    assert gemma4["Images"] and gemma4["Spoken questions"]  # the Gemma 4 demo listens too
+
+
+def test_engine_capabilities_follow_the_loaded_encoders(demo_engine, gemma4_demo):
+    assert demo_engine.supports_images and not demo_engine.supports_audio
+    assert not demo_engine.supports_thinking
+    assert gemma4_demo.supports_images and gemma4_demo.supports_audio
+    assert gemma4_demo.supports_thinking and gemma4_demo.config.family == 4
+    assert gemma4_demo.name == "demo-tiny-gemma4 (random weights)" and gemma4_demo.is_demo
+    without = {k: v for k, v in gemma4_demo.params.items() if k != "audio_encoder"}
+    assert not dataclasses.replace(gemma4_demo, params=without, supports_audio=None).supports_audio
 
 
 def test_attachments_are_decoded_by_kind_for_the_sampler(demo_engine):

@@ -1,7 +1,9 @@
-"""The real app (app.py on the demo engine) driven over loopback by `gradio_client`.
+"""The real app (app.py on the demo engines) driven over loopback by `gradio_client`.
 
 Each `ChatDriver` (tests/conftest.py) is one browser tab: its own session hash and history,
-calling the same `add_message` and `respond` events the page's textbox triggers.
+calling the same `add_message` and `respond` events the page's textbox triggers. `served` is
+the default app (`python app.py`: the tiny Gemma 4 demo, which reads text, images and audio);
+`served_gemma3` runs the Gemma 3 demo, which cannot listen.
 """
 
 import concurrent.futures
@@ -12,29 +14,35 @@ import httpx
 import pytest
 from test_media import png_header_only
 
-from gemma_app import ui
+from gemma_app import ui, ui_messages
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 UPLOAD_LIMIT = 512 * 1024  # this module's --max-file-size: the oversized-upload test stays cheap
 
 
 @pytest.fixture(scope="module")
-def served(launch_app):
-    return launch_app(max_file_size=UPLOAD_LIMIT)
+def served(launch_app, gemma4_demo):
+    return launch_app(engine=gemma4_demo, max_file_size=UPLOAD_LIMIT)
 
 
 @pytest.fixture(scope="module")
-def greedy(demo_engine):
-    """The engine's own greedy answers, outside the app: `greedy("q1", ("q2", 16))`."""
+def served_gemma3(launch_app, demo_engine):
+    return launch_app(engine=demo_engine)
+
+
+@pytest.fixture(scope="module")
+def greedy(gemma4_demo):
+    """The engine's own greedy answers, outside the app: `greedy("q1", ("q2", 16))`, or
+    `greedy(("q", 16, {"audio": [clip]}))` for a turn with media."""
     from conftest import APP_TEST_SETTINGS
 
     def answers(*turns):
-        chat = demo_engine.new_chat(
+        chat = gemma4_demo.new_chat(
             cache_length=APP_TEST_SETTINGS["cache_length"],
             max_out_length=APP_TEST_SETTINGS["max_out_length"],
         )
         turns = [(t, 32) if isinstance(t, str) else t for t in turns]
-        return [chat.chat(prompt, max_new_tokens=n) for prompt, n in turns]
+        return [chat.chat(t[0], max_new_tokens=t[1], **(t[2] if len(t) > 2 else {})) for t in turns]
 
     return answers
 
@@ -68,7 +76,8 @@ def test_streamed_answer_grows_and_equals_the_engines_greedy_answer(served, open
     assert answers[-1] == greedy((prompt, 400))[0]
     # Refreshed on a ~50 ms budget, not once per token.
     assert len(outputs) <= elapsed / 0.05 + 3
-    assert "**400 tokens**" in outputs[-1][2] and "context" in outputs[-1][2]
+    tokens = len(app.registry.peek(chat.session_hash).sampler.turns[0].answer_tokens)
+    assert f"**{tokens} tokens**" in outputs[-1][2] and "context" in outputs[-1][2]
 
     # The next turn continues the same sampler: the browser's copy of the answer round-trips
     # exactly, so the first turn (and its cache) is kept rather than re-encoded.
@@ -104,8 +113,10 @@ def test_two_clients_never_see_each_others_conversation(served, open_chat, greed
         assert sampler.history() == visible_pairs(chat.history)
 
 
-def test_stop_ends_the_reply_early_and_the_next_message_works(served, open_chat):
-    app, url = served
+def test_stop_ends_the_reply_early_and_the_next_message_works(served_gemma3, open_chat):
+    # The Gemma 3 demo: its greedy answers never end by themselves, so the stop always lands
+    # mid-answer (the Gemma 4 demo may finish a short answer before the stop arrives).
+    app, url = served_gemma3
     chat = open_chat(url)
     chat.add("Count to one thousand.")
     max_new = 1000
@@ -178,8 +189,8 @@ def test_an_image_upload_gets_a_streamed_answer_and_stays_in_context(served, ope
 
 
 @pytest.mark.parametrize("name, what", [("question_capital.wav", "Audio")])
-def test_uploads_a_model_cannot_read_are_refused_whole(served, open_chat, name, what):
-    app, url = served
+def test_uploads_a_model_cannot_read_are_refused_whole(served_gemma3, open_chat, name, what):
+    app, url = served_gemma3
     chat = open_chat(url)
     toasts = chat.add("What is this?", [EXAMPLES / name])
     assert len(toasts) == 1
@@ -191,6 +202,7 @@ def test_uploads_a_model_cannot_read_are_refused_whole(served, open_chat, name, 
     assert "nothing was sent" in text
     assert chat.history == []
     assert chat.session_hash not in app.registry
+    assert chat.send("Still there?", max_new_tokens=4)  # the chat carries on
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -303,7 +315,7 @@ def test_an_engine_failure_is_explained_and_the_chat_recovers(served, open_chat)
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
         yield  # a generator, like the real stream
 
-    session.sampler.stream = out_of_memory  # a device failure in the middle of a chat
+    session.sampler.stream_parts = out_of_memory  # a device failure in the middle of a chat
     chat.add("Next?")
     outputs, toasts = chat.respond()
     assert toasts == [
@@ -315,3 +327,173 @@ def test_an_engine_failure_is_explained_and_the_chat_recovers(served, open_chat)
     chat.history = history
     assert chat.send("Next?")  # ... and the chat goes on with a fresh one, rebuilt from the page
     assert app.registry.peek(chat.session_hash).sampler.history() == visible_pairs(chat.history)
+
+
+# -- Gemma 4: audio, images of any shape, thinking ---------------------------------------------
+
+
+def browser_recording(path: Path, seconds: float = 2.0, rate: int = 44_100) -> Path:
+    """A clip as browsers record it: 44.1 kHz, stereo, 16-bit PCM WAV (Gradio 6's microphone
+    re-encodes whatever the browser captured to WAV at 44.1 kHz, keeping the channels)."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    voice = 0.3 * np.sin(2 * np.pi * (220 + 80 * np.sin(2 * np.pi * 3 * t)) * t)  # a wobbly tone
+    stereo = np.stack([voice, 0.8 * voice], axis=1)
+    sf.write(path, stereo, rate, subtype="PCM_16")
+    return path
+
+
+def test_a_browser_recording_reaches_the_gemma4_demo_and_streams_its_answer(
+    served, open_chat, greedy, tmp_path
+):
+    from gemma_app import media
+
+    app, url = served
+    chat = open_chat(url)
+    clip = browser_recording(tmp_path / "audio.wav")
+    assert chat.add("What did I say?", [clip]) == []
+    outputs, toasts = chat.respond(max_new_tokens=60)
+    answers = [chat.answer_of(history) for history, _, _ in outputs]
+    assert toasts == []
+    assert len(answers) >= 2 and len(answers[-1]) > len(answers[0])
+    assert all(b.startswith(a) for a, b in zip(answers, answers[1:], strict=False))
+    # The same clip, decoded the same way, through the engine directly: the same answer.
+    samples = media.load_audio(clip)
+    assert samples.ndim == 1 and abs(samples.size - 2.0 * 16_000) <= 1  # mono, 16 kHz
+    assert answers[-1] == greedy(("What did I say?", 60, {"audio": [samples]}))[0]
+    assert answers[-1] != greedy(("What did I say?", 60))[0]  # the clip made a difference
+    # The next turn keeps the audio turn (and its cache): the page's copy round-trips.
+    session = app.registry.peek(chat.session_hash)
+    first_turn = session.sampler.turns[0]
+    chat.send("And now?", max_new_tokens=8)
+    assert session.sampler.turns[0] is first_turn and len(session.sampler.turns) == 2
+
+
+@pytest.mark.parametrize("size", [(100, 1000), (1000, 100)], ids=["tall", "wide"])
+def test_images_of_unusual_aspect_ratio_are_answered(served, open_chat, greedy, tmp_path, size):
+    import numpy as np
+    from PIL import Image
+
+    from gemma_app import media
+
+    _, url = served
+    chat = open_chat(url)
+    width, height = size
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    path = tmp_path / f"strip_{width}x{height}.png"
+    Image.fromarray(pixels).save(path)
+    assert chat.add("Describe this strip.", [path]) == []
+    outputs, toasts = chat.respond(max_new_tokens=24)
+    assert toasts == []
+    expected = greedy(("Describe this strip.", 24, {"images": [media.load_image(path)]}))[0]
+    assert chat.answer == expected and expected
+    assert expected != greedy(("Describe this strip.", 24))[0]  # the image made a difference
+
+
+def test_a_clip_over_30_seconds_is_refused_and_the_chat_goes_on(served, open_chat, tmp_path):
+    _, url = served
+    chat = open_chat(url)
+    long_clip = browser_recording(tmp_path / "long.wav", seconds=31.0, rate=4_000)  # < 512 KiB
+    toasts = chat.add("Listen to this.", [long_clip])
+    assert [level for level, _ in toasts] == ["warning"]
+    assert "31.0 s long; the limit is 30 s" in toasts[0][1]
+    assert "Nothing was sent" in toasts[0][1] and "Traceback" not in toasts[0][1]
+    assert chat.history == []
+    assert chat.send("Still there?", max_new_tokens=4)
+
+
+THOUGHT = ["The user greets me. ", "I should greet back ", "politely."]
+
+
+class ScriptedThinking:
+    """A test double at the ChatSampler level, for the UI's rendering of thoughts only.
+
+    Random weights almost never write `<|channel>`, so with `thinking=True` this sampler first
+    streams the scripted THOUGHT deltas on the "thought" channel, then the real demo sampler's
+    answer (computed without thinking). Everything else is the real sampler's.
+    """
+
+    def __init__(self, sampler):
+        self._sampler = sampler
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+    def stream_parts(self, prompt, *, thinking=False, **kwargs):
+        if thinking:
+            for delta in THOUGHT:
+                time.sleep(0.06)  # past the UI's refresh budget: each delta is shown
+                yield "thought", delta
+        yield from self._sampler.stream_parts(prompt, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served_thinking(launch_app, gemma4_demo):
+    import dataclasses
+
+    from gemma_app.engine import Engine
+
+    class ThinkingDemo(Engine):
+        def new_chat(self, **kwargs):
+            return ScriptedThinking(super().new_chat(**kwargs))
+
+    fields = {f.name: getattr(gemma4_demo, f.name) for f in dataclasses.fields(Engine)}
+    return launch_app(engine=ThinkingDemo(**fields))
+
+
+def test_thoughts_stream_into_a_collapsed_box_apart_from_the_answer(
+    served_thinking, open_chat, greedy
+):
+    app, url = served_thinking
+    chat = open_chat(url)
+    chat.add("Hello!")
+    outputs, toasts = chat.respond(thinking=True, max_new_tokens=16)
+    assert toasts == []
+    replies = [history[1:] for history, _, _ in outputs]
+    # While thinking: one open ("pending") box that grows, and no answer yet.
+    thinking = [r for r in replies if len(r) == 1]
+    assert len(thinking) >= 2
+    assert all(r[0]["metadata"]["status"] == "pending" for r in thinking)
+    texts = [ui.message_text(r[0]) for r in thinking]
+    assert texts == sorted(texts, key=len) and texts[-1] in "".join(THOUGHT)
+    # Then the box is folded ("done", with the time spent) above the streamed answer.
+    box, answer = replies[-1]
+    assert box["metadata"]["status"] == "done" and box["metadata"]["duration"] > 0
+    assert box["metadata"]["title"] == ui_messages.THOUGHT_TITLE
+    assert ui.message_text(box) == "".join(THOUGHT)
+    assert "metadata" not in answer or not answer["metadata"]
+    assert ui.message_text(answer) == greedy(("Hello!", 16))[0]
+    # The sampler's turn holds the answer only, and the page's history (box included)
+    # round-trips onto it: the next turn keeps the first one.
+    session = app.registry.peek(chat.session_hash)
+    first_turn = session.sampler.turns[0]
+    assert visible_pairs(chat.history) == [("Hello!", first_turn.answer)]
+    chat.send("How are you?", max_new_tokens=8)  # thinking off: no box
+    assert session.sampler.turns[0] is first_turn
+    assert [ui.is_thought(m) for m in chat.history] == [False, True, False, False, False]
+
+
+def test_thinking_is_ignored_for_models_without_it(served_gemma3, open_chat):
+    _, url = served_gemma3
+    chat = open_chat(url)
+    chat.add("Hello!")
+    outputs, toasts = chat.respond(thinking=True, max_new_tokens=8)
+    assert toasts == [] and not any(ui.is_thought(m) for m in outputs[-1][0])
+
+
+def test_the_thinking_switch_reaches_the_real_gemma4_sampler(served, open_chat):
+    """No script: the demo's own sampler is asked to think, then not, mid-conversation."""
+    app, url = served
+    chat = open_chat(url)
+    chat.add("Think about the sea.")
+    outputs, toasts = chat.respond(thinking=True, max_new_tokens=24)
+    assert toasts == []
+    session = app.registry.peek(chat.session_hash)
+    assert session.sampler.thinking is True  # `<|think|>` opens the context
+    assert session.sampler.history() == visible_pairs(chat.history)
+    chat.send("Now just answer.", thinking=False, max_new_tokens=8)
+    assert session.sampler.thinking is False
+    assert session.sampler.history() == visible_pairs(chat.history)
+    assert len(session.sampler.turns) == 2

@@ -4,6 +4,7 @@ import gc
 import threading
 import weakref
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,12 +38,24 @@ def registry(**kwargs) -> SessionRegistry:
 
 
 def test_kv_cache_bytes_matches_the_formula():
-    config = presets.get_preset("gemma3-4b")
-    # 34 layers x (K, V) x 4096 slots x 4 KV heads x 256 dims x 2 bytes = 544 MiB
-    assert kv_cache_bytes(config, 4096, jnp.bfloat16) == 34 * 2 * 4096 * 4 * 256 * 2
+    config = presets.get_preset("gemma3-1b")
+    # 26 layers x (K, V) x 4096 slots x 1 KV head x 256 dims x 2 bytes = 104 MiB
+    assert kv_cache_bytes(config, 4096, jnp.bfloat16) == 26 * 2 * 4096 * 1 * 256 * 2
     # Slots are allocated in multiples of 256.
     assert kv_cache_bytes(config, 4000, jnp.bfloat16) == kv_cache_bytes(config, 4096, jnp.bfloat16)
-    assert kv_cache_bytes(config, 4097, jnp.float32) == 34 * 2 * 4352 * 4 * 256 * 4
+    assert kv_cache_bytes(config, 4097, jnp.float32) == 26 * 2 * 4352 * 1 * 256 * 4
+    # Vision models also keep the image-block id (int32) of every slot.
+    vision = presets.get_preset("gemma3-4b")
+    assert kv_cache_bytes(vision, 4096, jnp.bfloat16) == 34 * 2 * 4096 * 4 * 256 * 2 + 4096 * 4
+
+
+def test_kv_cache_bytes_follows_gemma4_layer_shapes(gemma4_demo):
+    """Global layers have their own head width and KV heads; read off the real cache."""
+    from gemma_app.nn.transformer import init_cache
+
+    cache = init_cache(gemma4_demo.config, batch=1, cache_length=300, dtype=jnp.float32)
+    actual = sum(x.nbytes for x in jax.tree.leaves(cache))
+    assert kv_cache_bytes(gemma4_demo.config, 300, jnp.float32) == actual
 
 
 def test_get_creates_once_per_key_and_peek_never_creates():
@@ -204,17 +217,34 @@ def test_registry_is_safe_under_concurrent_access():
 
 
 def test_reply_passes_decoded_attachments_on_to_the_sampler(demo_registry):
-    """The hook the vision/audio engines use: non-empty kinds reach `ChatSampler.stream`."""
+    """The hook the vision/audio engines use: non-empty kinds reach `ChatSampler.stream_parts`."""
     session = demo_registry.get("media")
-    real_stream, seen = session.sampler.stream, []
+    real_stream, seen = session.sampler.stream_parts, []
 
-    def stream(prompt, **kwargs):
-        seen.append({k: kwargs.pop(k) for k in ("images", "audio") if k in kwargs})
+    def stream_parts(prompt, **kwargs):
+        seen.append({k: kwargs.pop(k) for k in ("images", "audio", "thinking") if k in kwargs})
         return real_stream(prompt, **kwargs)
 
-    session.sampler.stream = stream
+    session.sampler.stream_parts = stream_parts
     image = np.zeros((4, 4, 3), np.uint8)
     "".join(session.reply([], "Hi.", max_new_tokens=2, media={"images": [image], "audio": []}))
     "".join(session.reply([], "Hi.", max_new_tokens=2))
-    assert len(seen) == 2 and seen[1] == {}
-    assert list(seen[0]) == ["images"] and seen[0]["images"][0] is image
+    assert len(seen) == 2 and seen[1] == {"thinking": False}
+    assert list(seen[0]) == ["images", "thinking"] and seen[0]["images"][0] is image
+
+
+def test_reply_parts_keep_thoughts_apart_and_reply_drops_them(demo_registry):
+    """Channels pass through as the sampler yields them; `reply` keeps the answer only."""
+    session = demo_registry.get("parts")
+    script = [("thought", "Hm, "), ("thought", "easy."), ("answer", "Four"), ("answer", ".")]
+    seen = []
+
+    def stream_parts(prompt, **kwargs):
+        seen.append(kwargs.get("thinking"))
+        yield from script
+
+    session.sampler.stream_parts = stream_parts
+    assert list(session.reply_parts([], "2+2?", thinking=True)) == script
+    assert session.last_stats.answer_tokens == 4 and session.last_stats.finished
+    assert "".join(session.reply([], "2+2?")) == "Four."
+    assert seen == [True, False] and not session.busy

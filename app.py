@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import pathlib
 import re
 import sys
 import time
@@ -55,6 +56,7 @@ class Settings:
     kv_budget: int | None = 8 * 2**30
     max_file_size: int = 20 * 2**20
     warmup: bool = True
+    compilation_cache: str | None = "~/.cache/gemma_app/xla"
 
     def chat_options(self) -> ui.ChatOptions:
         limits = dataclasses.replace(media.DEFAULT_LIMITS, max_file_bytes=self.max_file_size)
@@ -114,6 +116,8 @@ _FLAGS = [
     ("--kv-budget", parse_size, "8GiB", "KV-cache memory for all chats (0 = no limit)"),
     ("--max-file-size", parse_size, "20MiB", "largest upload"),
     ("--warmup", bool, "true", "compile the model before serving"),
+    ("--compilation-cache", str, "~/.cache/gemma_app/xla", "directory of the persistent XLA "
+     "compilation cache, so a restart skips compiling ('off' disables; on Spaces use /data/...)"),
 ]  # fmt: skip
 # Variables that hosts such as Hugging Face Spaces set, read when ours are absent.
 _FALLBACK_ENV = {"--host": "GRADIO_SERVER_NAME", "--port": "GRADIO_SERVER_PORT"}
@@ -322,7 +326,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     settings = parse_settings(argv)
     logger.info("Settings: %s", settings)
+    enable_compilation_cache(settings.compilation_cache)
     create_app(settings).launch()
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Turns on JAX's persistent compilation cache in `path` ('off'/'none'/'' = leave it off).
+
+    XLA compiles every program of the model (init, prefill buckets, decode, encoders) on the
+    first start; with the cache a restart loads them from disk instead. Called by `main` only,
+    so tests and library users keep JAX's defaults.
+    """
+    if not path or path.strip().lower() in ("off", "none", "false", "0"):
+        return
+    import jax
+
+    directory = pathlib.Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logger.warning("Compilation cache disabled: cannot create %s (%s)", directory, e)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # Cache every program that took noticeable time, including the small ones of tiny models.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    logger.info("Persistent XLA compilation cache: %s", directory)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,22 @@ def _env(port: int) -> dict:
     }
 
 
+def test_compilation_cache_flag_turns_on_jax_persistent_cache(tmp_path, monkeypatch):
+    import jax
+
+    assert parse_settings([]).compilation_cache == "~/.cache/gemma_app/xla"
+    assert parse_settings([], {"GEMMA_APP_COMPILATION_CACHE": "off"}).compilation_cache == "off"
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        app_module.enable_compilation_cache("off")
+        assert jax.config.jax_compilation_cache_dir == before
+        app_module.enable_compilation_cache(str(tmp_path / "xla"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert (tmp_path / "xla").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_the_cli_serves_at_the_printed_url_even_when_loading_fails():
     from conftest import _free_port
 

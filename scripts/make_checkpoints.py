@@ -74,6 +74,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script
 from gemma_app.ckpt import hf as hf_io  # noqa: E402
 from gemma_app.ckpt import hf_map4, kaggle, layouts, orbax_io  # noqa: E402
 from gemma_app.ckpt.hf_map import (  # noqa: E402
+    flatten_params,
     param_shapes,
     params_to_hf,
     unflatten_params,
@@ -453,6 +454,30 @@ def make_gemma4(root: pathlib.Path) -> Fixtures:
     write_gemma4(fx)
     write_kaggle_gemma4(fx)
     return fx
+
+
+def tiny_gemma4_config_json(config: TransformerConfig) -> dict:
+    """`TINY_GEMMA4_CONFIG` for a tiny-gemma4 that differs only in its vocabulary and sliding
+    window (the demo engine's model: 4096 pieces, window 128)."""
+    text = {
+        **TINY_GEMMA4_TEXT, "vocab_size": config.num_embed,
+        "vocab_size_per_layer_input": config.num_embed,
+        "sliding_window": config.sliding_window_size,
+    }  # fmt: skip
+    return {**TINY_GEMMA4_CONFIG, "text_config": text}
+
+
+def write_hf_gemma4(
+    model_dir: pathlib.Path, config: TransformerConfig, params: dict
+) -> pathlib.Path:
+    """`params` (our nested tree, text + both encoders) of a tiny-gemma4-shaped `config` as a
+    HF Gemma4ForConditionalGeneration directory: config.json, model.safetensors (float32) and
+    tokenizer.model (assets/tokenizer_gemma4.model). KV-shared layers' K/V are not written."""
+    flat = {p: np.asarray(v, np.float32) for p, v in flatten_params(params).items()}
+    state = hf_map4.to_hf(flat, config, vision=True, audio=True)
+    hf_io.save(model_dir, state, tiny_gemma4_config_json(config))
+    shutil.copy(TOKENIZER_GEMMA4, pathlib.Path(model_dir) / "tokenizer.model")
+    return pathlib.Path(model_dir)
 
 
 def main() -> None:

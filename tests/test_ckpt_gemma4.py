@@ -7,6 +7,8 @@
 * Hugging Face safetensors (Gemma4ForConditionalGeneration and Gemma4ForCausalLM) of the
   golden weights reproduce the transformers logits saved in tests/golden (no torch needed);
 * Kaggle through the real `kagglehub.model_download`, offline from a kagglehub cache;
+* the demo engine's model (vocab 4096, image + audio) written as a HF directory loads through
+  `load_engine` with the same weights and gives the same greedy answer to an image + audio chat;
 * mismatching checkpoints name every problem.
 """
 
@@ -34,6 +36,7 @@ from gemma_app.ckpt import (
 )
 from gemma_app.ckpt import hf as hf_io
 from gemma_app.ckpt.hf_map import flatten_params
+from gemma_app.engine import demo_engine
 from gemma_app.nn import presets, transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -304,3 +307,77 @@ def test_kaggle_variant_loads_offline_with_both_encoders(fx, gemma4_variant):
     text = load_engine("gemma4-e2b-it@1", dtype="float32", text_only=True)
     assert not text.supports_images and not text.supports_audio
     assert {"vision_encoder", "audio_encoder"}.isdisjoint(text.params)
+
+
+# --- the demo model as a Hugging Face directory, end to end -------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_hf(tmp_path_factory):
+    """(demo engine, its weights as a HF Gemma4ForConditionalGeneration dir with the project's
+    Gemma 4 tokenizer)."""
+    demo = demo_engine(family=4, dtype=jnp.float32)
+    model_dir = tmp_path_factory.mktemp("hf-demo-gemma4") / "demo-gemma4"
+    return demo, SCRIPT.write_hf_gemma4(model_dir, demo.config, demo.params)
+
+
+def demo_media():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (60, 200, 3), dtype=np.uint8)
+    t = np.arange(16_000, dtype=np.float32) / 16_000  # 1 s at 16 kHz
+    clip = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)
+    return image, clip.astype(np.float32)
+
+
+def greedy_answer(engine) -> tuple[str, list[int]]:
+    image, clip = demo_media()
+    chat = engine.new_chat(cache_length=256, max_out_length=12)
+    answer = chat.chat("Describe both.", images=[image], audio=[clip])
+    return answer, list(chat.turns[-1].answer_tokens)
+
+
+def test_hf_dir_of_the_demo_model_loads_and_chats_like_it(demo_hf):
+    demo, model_dir = demo_hf
+    engine = load_engine(str(model_dir), dtype="float32")
+    assert engine.config.family == 4 and engine.supports_images and engine.supports_audio
+    assert engine.tokenizer.vocab_size == 4096 and engine.name == "demo-gemma4"
+    # config.json has no soft-token budget (the processor's): it is the reader's default.
+    budget = engine.config.vision.max_soft_tokens
+    assert (budget, demo.config.vision.max_soft_tokens) == (42, 36)
+    assert engine.config == dataclasses.replace(
+        demo.config, name="hf-gemma4",
+        vision=dataclasses.replace(demo.config.vision, max_soft_tokens=budget),
+    )  # fmt: skip
+
+    loaded, original = flatten_params(engine.params), flatten_params(demo.params)
+    assert loaded.keys() == original.keys()
+    shared = {r.ours for r in hf_map4.text_rules(demo.config) if not r.hf}
+    assert shared == {f"layer_{i}/attn/{leaf}" for i in (5, 6, 7)
+                      for leaf in ("kv_einsum/w", "key_norm/scale")}  # fmt: skip
+    for path, value in original.items():
+        got = np.asarray(loaded[path])
+        assert got.dtype == np.float32, path
+        want = np.zeros(value.shape, np.float32) if path in shared else np.asarray(value)
+        np.testing.assert_array_equal(got, want, err_msg=path)  # HF has no K/V there: zeros
+
+    # Same weights (the unread K/V aside), same soft-token budget: the same greedy answer.
+    reference = dataclasses.replace(demo, config=engine.config)
+    answer, tokens = greedy_answer(engine)
+    assert (answer, tokens) == greedy_answer(reference)
+    assert len(tokens) > 0
+
+
+def test_hf_dir_of_the_demo_model_text_only_refuses_media(demo_hf):
+    _, model_dir = demo_hf
+    engine = load_engine(str(model_dir), dtype="float32", text_only=True)
+    assert not engine.supports_images and not engine.supports_audio
+    assert engine.config.vision is None and engine.config.audio is None
+    assert {"vision_encoder", "audio_encoder"}.isdisjoint(engine.params)
+    assert {"mm_input_projection", "audio_input_projection"}.isdisjoint(engine.params["embedder"])
+    image, clip = demo_media()
+    chat = engine.new_chat(cache_length=128, max_out_length=4)
+    with pytest.raises(ValueError, match="does not accept images"):
+        chat.chat("What is this?", images=[image])
+    with pytest.raises(ValueError, match="does not accept audio"):
+        chat.chat("What is this?", audio=[clip])
+    assert chat.turns == []  # refused before any work

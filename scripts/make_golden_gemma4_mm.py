@@ -78,7 +78,11 @@ from gemma_app.nn.presets import TINY_PRESETS  # noqa: E402
 
 GOLDEN_DIR = ROOT / "tests" / "golden"
 SEED = 20260420
-VARIANTS = {"tiny-gemma4-mm": "tiny-gemma4", "tiny-gemma4-moe-mm": "tiny-gemma4-moe"}
+VARIANTS = {
+    "tiny-gemma4-mm": "tiny-gemma4",
+    "tiny-gemma4-moe-mm": "tiny-gemma4-moe",
+    "tiny-gemma4-mm2": "tiny-gemma4",  # two images + two clips (`make_golden_two`)
+}
 TOKEN_IDS = dict(
     image_token_id=250, audio_token_id=251, boi_token_id=252, eoi_token_id=253,
     boa_token_id=254, eoa_token_index=255, video_token_id=249,
@@ -86,6 +90,8 @@ TOKEN_IDS = dict(
 BOS = 2
 IMAGE_SIZE = (224, 224)  # -> 288 x 288 px, 36 soft tokens at the tiny budget
 AUDIO_SAMPLES = 16_000  # 1 s -> 99 mel frames -> 25 soft tokens
+TWO_IMAGE_SIZES = ((224, 224), (100, 300))  # -> 288 x 288 and 144 x 480 px: 36 and 30 tokens
+TWO_AUDIO_SAMPLES = (16_000, 9_600)  # 1 s and 0.6 s -> 99 and 59 mel frames: 25 and 15 tokens
 
 
 def hf_config(config: TransformerConfig) -> transformers.Gemma4Config:
@@ -244,6 +250,8 @@ def _sensitivity(model, inputs, logits, config) -> None:
 
 
 def make_golden(name: str, out_dir: Path = GOLDEN_DIR) -> Path:
+    if name == "tiny-gemma4-mm2":
+        return make_golden_two(name, out_dir)
     config = TINY_PRESETS[VARIANTS[name]]()
     rng = np.random.default_rng([SEED, list(VARIANTS).index(name)])
     torch.manual_seed(SEED)
@@ -283,6 +291,96 @@ def make_golden(name: str, out_dir: Path = GOLDEN_DIR) -> Path:
             "input_features_mask": inputs["input_features_mask"],
             "hf/audio_tokens": audio_tokens.astype(np.float32),
         })  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.npz"
+    np.savez_compressed(path, **arrays)
+    print(f"    wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return path
+
+
+def prompt_two(n_images: list[int], n_clips: list[int], rng: np.random.Generator) -> np.ndarray:
+    """input_ids [1, T]: text, then each image and each clip between its brackets, then text."""
+
+    def text(n):
+        return list(rng.integers(5, min(TOKEN_IDS.values()), n))
+
+    ids = [BOS, *text(5)]
+    for n in n_images:
+        ids += [TOKEN_IDS["boi_token_id"], *[TOKEN_IDS["image_token_id"]] * n]
+        ids += [TOKEN_IDS["eoi_token_id"], *text(3)]
+    for n in n_clips:
+        ids += [TOKEN_IDS["boa_token_id"], *[TOKEN_IDS["audio_token_id"]] * n]
+        ids += [TOKEN_IDS["eoa_token_index"], *text(3)]
+    return np.asarray([ids], np.int32)
+
+
+def make_inputs_two(config: TransformerConfig, rng: np.random.Generator) -> dict:
+    """Two images of different aspect ratios and two clips of different lengths, each batch
+    preprocessed in one call as `Gemma4Processor` does (patches and features padded)."""
+    images = vision_golden.make_images(rng)[: len(TWO_IMAGE_SIZES)]
+    assert tuple(i.shape[:2] for i in images) == TWO_IMAGE_SIZES
+    pre = vision_golden.hf_preprocess(images, config.vision)
+    # float16-exact samples, stored as float16: keeps the file under 600 KB
+    clips = zip(audio_golden.clips(rng), TWO_AUDIO_SAMPLES, strict=True)
+    waves = [audio_golden.f16(c[:n]) for c, n in clips]
+    batch = Gemma4AudioFeatureExtractor()(waves, return_tensors="np")
+    inputs = {
+        "images": images,
+        "pixel_values": pre["pixel_values"],
+        "image_position_ids": pre["position_ids"],
+        "waveforms": waves,
+        "input_features": batch["input_features"].astype(np.float32),
+        "input_features_mask": batch["input_features_mask"].astype(bool),
+    }
+    n_clips = [processing_token_count(m) for m in inputs["input_features_mask"]]
+    inputs["input_ids"] = prompt_two(pre["num_soft_tokens"].tolist(), n_clips, rng)
+    inputs["mm_token_type_ids"] = mm_token_type_ids(inputs["input_ids"])
+    return inputs
+
+
+def make_golden_two(name: str, out_dir: Path = GOLDEN_DIR) -> Path:
+    """`tiny-gemma4-mm2`: the E-style model on two images and two clips in one prompt.
+
+    Stores no processor output but the patch positions and the feature mask (the patches and
+    features of `tiny-gemma4-mm` already pin our preprocessing; these would double the file):
+
+        images/0, images/1      uint8 [224, 224, 3], [100, 300, 3]
+        image_position_ids      int32 [2, 324, 2] (the second image padded with -1)
+        waveforms/0, /1         float16 [16000], [9600] (the clips are float16-exact)
+        input_features_mask     bool [2, 99] (the short clip's row padded with False)
+        input_ids, mm_token_type_ids, hf/image_tokens [66, D], hf/audio_tokens [40, D],
+        hf/logits, hf/logits_f64, weights/sources, weights/sha256, meta/<package> as above
+    """
+    config = TINY_PRESETS[VARIANTS[name]]()
+    rng = np.random.default_rng([SEED, list(VARIANTS).index(name)])
+    torch.manual_seed(SEED)
+    model = transformers.Gemma4ForConditionalGeneration(hf_config(config)).eval()
+    flat, sha = load_weights(config)
+    inputs = make_inputs_two(config, rng)
+    load_ours(model, flat, config)
+    logits, image_tokens, audio_tokens = hf_forward(model, inputs)
+    print(f"{name}: T={inputs['input_ids'].shape[1]}, image tokens {image_tokens.shape}, "
+          f"audio tokens {audio_tokens.shape}; change when:")  # fmt: skip
+    _sensitivity(model, inputs, logits, config)
+    logits_f64 = hf_forward_f64(model, inputs)
+    print(f"    float32 error of HF itself: max |logits - float64 logits| "
+          f"{np.abs(logits - logits_f64).max():.3g}")  # fmt: skip
+    arrays = {
+        "preset": np.array(config.name),
+        "input_ids": inputs["input_ids"],
+        "mm_token_type_ids": inputs["mm_token_type_ids"],
+        **{f"images/{i}": image for i, image in enumerate(inputs["images"])},
+        "image_position_ids": inputs["image_position_ids"].astype(np.int32),
+        **{f"waveforms/{i}": w.astype(np.float16) for i, w in enumerate(inputs["waveforms"])},
+        "input_features_mask": inputs["input_features_mask"],
+        "hf/image_tokens": image_tokens.astype(np.float32),
+        "hf/audio_tokens": audio_tokens.astype(np.float32),
+        "hf/logits": logits,
+        "hf/logits_f64": logits_f64.astype(np.float32),
+        "weights/sources": np.array(weight_sources(config)),
+        "weights/sha256": np.array(sha),
+        **{f"meta/{pkg}": np.array(importlib.metadata.version(pkg)) for pkg in ("torch", "transformers")},
+    }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.npz"
     np.savez_compressed(path, **arrays)

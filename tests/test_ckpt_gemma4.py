@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import pathlib
+import shutil
 import sys
 
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ import pytest
 
 from gemma_app.ckpt import (
     CheckpointMismatchError,
+    errors,
     hf_config4,
     hf_map4,
     layouts,
@@ -381,3 +384,33 @@ def test_hf_dir_of_the_demo_model_text_only_refuses_media(demo_hf):
     with pytest.raises(ValueError, match="does not accept audio"):
         chat.chat("What is this?", audio=[clip])
     assert chat.turns == []  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "budget"),
+    [
+        ("processor_config.json", {"image_processor": {"max_soft_tokens": 36}}, 36),
+        ("preprocessor_config.json", {"max_soft_tokens": 40, "patch_size": 16}, 40),
+        ("processor_config.json", {"image_seq_length": 280}, None),
+    ],
+)
+def test_hf_processor_config_sets_the_image_soft_token_budget(fx, tmp_path, file, content, budget):
+    """HF keeps max_soft_tokens in the processor's config; with it the preset comes back exact."""
+    shutil.copy(fx.hf["tiny-gemma4"] / "config.json", tmp_path / "config.json")
+    (tmp_path / file).write_text(json.dumps(content))
+    config = hf_io.read_config(tmp_path)
+    default = hf_io.read_config(fx.hf["tiny-gemma4"]).vision.max_soft_tokens
+    assert config.vision.max_soft_tokens == (default if budget is None else budget)
+    if budget == 36:  # the preset's own budget: the whole config equals the preset
+        assert config == dataclasses.replace(presets.tiny_gemma4(), name="hf-gemma4")
+
+
+def test_hf_processor_config_with_a_bad_budget_is_a_clear_error(fx, tmp_path):
+    shutil.copy(fx.hf["tiny-gemma4"] / "config.json", tmp_path / "config.json")
+    (tmp_path / "processor_config.json").write_text('{"image_processor": {"max_soft_tokens": 0}}')
+    with pytest.raises(errors.CorruptCheckpointError, match="max_soft_tokens must be a positive"):
+        hf_io.read_config(tmp_path)
+    # A budget whose widest image would not fit the position table is refused by name.
+    (tmp_path / "processor_config.json").write_text('{"image_processor": {"max_soft_tokens": 70}}')
+    with pytest.raises(errors.UnsupportedModelError, match="position table"):
+        hf_io.read_config(tmp_path)

@@ -56,6 +56,8 @@ from gemma_app.nn.transformer import Transformer, abstract_params, init_cache
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden"
 GOLDENS = {"tiny-gemma4-mm": "tiny-gemma4", "tiny-gemma4-moe-mm": "tiny-gemma4-moe"}
+TWO = "tiny-gemma4-mm2"  # two images and two clips in one prompt (E-style text preset)
+PRESETS = {**GOLDENS, TWO: "tiny-gemma4"}
 IMAGE_ID, AUDIO_ID = 250, 251  # the script's `TOKEN_IDS` inside the 256-token tiny vocabulary
 ATOL = 1e-4
 
@@ -93,7 +95,7 @@ def _fingerprint(flat: dict[str, np.ndarray]) -> str:
 def _model(name: str):
     """(config, our whole nested tree in float32) of a golden, from its part goldens."""
     golden = _golden(name)
-    config = presets.TINY_PRESETS[GOLDENS[name]]()
+    config = presets.TINY_PRESETS[PRESETS[name]]()
     assert str(golden["preset"]) == config.name
     flat: dict[str, np.ndarray] = {}
     for source in golden["weights/sources"].tolist():
@@ -318,6 +320,139 @@ def test_soft_tokens_are_what_the_logits_depend_on():
     for pair in ((np.roll(image_tokens, 1, axis=0), audio_tokens),
                  (image_tokens, np.roll(audio_tokens, 1, axis=0))):  # fmt: skip
         mm = _mm_embeddings(config, segments, *pair)
+        logits = _apply(config, _text_params(params), tokens, positions, None, mm, segments)[0]
+        assert np.abs(np.asarray(logits) - golden["hf/logits"]).max() > 1e-2
+
+
+# --- two images and two clips in one prompt (`tiny-gemma4-mm2`) ---------------------------------
+
+
+def _runs(mask: np.ndarray) -> list[np.ndarray]:
+    """Positions of each maximal run of True in a 1-D mask, in order."""
+    idx = np.flatnonzero(mask)
+    return np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1) if idx.size else []
+
+
+def _segments_many(input_ids: np.ndarray) -> np.ndarray:
+    """The contract's segments for [1, T] ids: k on the k-th image block, -k on the k-th clip."""
+    segments = np.zeros_like(input_ids, np.int32)
+    for placeholder, sign in ((IMAGE_ID, 1), (AUDIO_ID, -1)):
+        for k, run in enumerate(_runs(input_ids[0] == placeholder), start=1):
+            segments[0, run] = sign * k
+    return segments
+
+
+def _two_inputs() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    golden = _golden(TWO)
+    images = [golden[f"images/{i}"] for i in range(2)]
+    return images, [golden[f"waveforms/{i}"].astype(np.float32) for i in range(2)]
+
+
+@functools.cache
+def _two_soft_tokens() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Per image and per clip projected soft tokens, from the raw images and waveforms through
+    our preprocessing, each kind encoded as one padded batch (as HF's processor batches them)."""
+    config, params = _model(TWO)
+    images, waves = _two_inputs()
+    patches, positions, counts = vision_input.stack(
+        [vision_input.preprocess(image, config.vision) for image in images]
+    )
+    soft, mask = vision4.encode_images(config.vision, params["vision_encoder"], patches, positions)
+    w = params["embedder"]["mm_input_projection"]["w"]
+    soft, mask = np.asarray(soft), np.asarray(mask)
+    image_tokens = tuple(
+        np.asarray(vision4.project_soft_tokens(s[m], w)) for s, m in zip(soft, mask)
+    )
+    assert [t.shape[0] for t in image_tokens] == counts
+    features, frames = audio_input.batch_log_mel_features(waves)
+    soft, valid = audio.encode_audio(config.audio, params["audio_encoder"], features, frames)
+    w = params["embedder"]["audio_input_projection"]["w"]
+    clip_tokens = tuple(np.asarray(audio.project_audio(s[v], w)) for s, v in zip(soft, valid))
+    return image_tokens, clip_tokens
+
+
+def _mm_embeddings_many(config, segments, image_tokens, clip_tokens) -> np.ndarray:
+    """[1, T, D]: image k's tokens on segment k, clip k's on segment -k, zeros on text."""
+    out = np.zeros((*segments.shape, config.embed_dim), np.float32)
+    for k, tokens in enumerate(image_tokens, start=1):
+        out[segments == k] = tokens
+    for k, tokens in enumerate(clip_tokens, start=1):
+        out[segments == -k] = tokens
+    return out
+
+
+def _two_logits(splits: tuple[int, ...] = ()) -> np.ndarray:
+    """Our logits [1, T, V] for the two-image two-clip prompt; `splits` as in `_logits`."""
+    golden = _golden(TWO)
+    config, params = _model(TWO)
+    tokens = golden["input_ids"]
+    segments = _segments_many(tokens)
+    mm = _mm_embeddings_many(config, segments, *_two_soft_tokens())
+    positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
+    text = _text_params(params)
+    cache = init_cache(config, batch=1, cache_length=tokens.shape[1]) if splits else None
+    out = []
+    for chunk in np.split(np.arange(tokens.shape[1]), splits):
+        s = slice(chunk[0], chunk[-1] + 1)
+        logits, cache = _apply(config, text, tokens[:, s], positions[:, s], cache, mm[:, s],
+                               segments[:, s])  # fmt: skip
+        out.append(np.asarray(logits))
+    return np.concatenate(out, axis=1)
+
+
+def test_two_images_two_clips_layout_and_counts():
+    """Segments 1, 2, -1, -2 in prompt order; our per-image / per-clip token counts, patch
+    positions and frame masks are HF's."""
+    golden = _golden(TWO)
+    config, _ = _model(TWO)
+    images, waves = _two_inputs()
+    segments = _segments_many(golden["input_ids"])[0]
+    blocks = {k: np.flatnonzero(segments == k) for k in (1, 2, -1, -2)}
+    assert [blocks[k].size for k in (1, 2, -1, -2)] == [36, 30, 25, 15]
+    assert blocks[1][-1] < blocks[2][0] < blocks[-1][0] and blocks[-1][-1] < blocks[-2][0]
+    assert [vision_input.soft_token_count(*i.shape[:2], config.vision) for i in images] == [36, 30]
+    assert [audio_input.num_audio_tokens(w.size) for w in waves] == [25, 15]
+    types = np.where(segments > 0, 1, np.where(segments < 0, 3, 0))
+    np.testing.assert_array_equal(golden["mm_token_type_ids"][0], types)
+    pre = [vision_input.preprocess(image, config.vision) for image in images]
+    np.testing.assert_array_equal(vision_input.stack(pre)[1], golden["image_position_ids"])
+    np.testing.assert_array_equal(
+        audio_input.batch_log_mel_features(waves)[1], golden["input_features_mask"]
+    )
+
+
+def test_two_images_two_clips_soft_tokens_match_hf():
+    image_tokens, clip_tokens = _two_soft_tokens()
+    golden = _golden(TWO)
+    assert np.abs(np.concatenate(image_tokens) - golden["hf/image_tokens"]).max() <= ATOL
+    assert np.abs(np.concatenate(clip_tokens) - golden["hf/audio_tokens"]).max() <= ATOL
+
+
+def test_two_images_two_clips_whole_model_matches_hf():
+    """Our whole chain from raw inputs, uncached and in chunks (split between the images,
+    after the last image, and inside both causal audio blocks; never inside an image)."""
+    segments = _segments_many(_golden(TWO)["input_ids"])[0]
+    image_2 = np.flatnonzero(segments == 2)
+    clips = [np.flatnonzero(segments == k) for k in (-1, -2)]
+    between = int(np.flatnonzero(segments == 1)[-1]) + 2  # just after the first <eoi>
+    after = int(image_2[-1]) + 2
+    mids = [int(c[c.size // 2]) for c in clips]
+    for splits in [(), (after,), (between, after, *mids)]:
+        _check_chain(TWO, _two_logits(splits), f"split at {splits}")
+
+
+def test_two_images_two_clips_each_block_needs_its_own_tokens():
+    """The golden can fail: the first image (or clip) fed the second one's tokens, tiled to
+    its block's length, moves the logits; each block is bound to its own encoder output."""
+    golden = _golden(TWO)
+    config, params = _model(TWO)
+    tokens = golden["input_ids"]
+    segments = _segments_many(tokens)
+    (i1, i2), (c1, c2) = _two_soft_tokens()
+    positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
+    for images, clips in (((np.resize(i2, i1.shape), i2), (c1, c2)),
+                          ((i1, i2), (np.resize(c2, c1.shape), c2))):  # fmt: skip
+        mm = _mm_embeddings_many(config, segments, images, clips)
         logits = _apply(config, _text_params(params), tokens, positions, None, mm, segments)[0]
         assert np.abs(np.asarray(logits) - golden["hf/logits"]).max() > 1e-2
 

@@ -18,6 +18,7 @@ their page). Tests exercise local directories only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from collections.abc import Mapping
@@ -36,7 +37,9 @@ from gemma_app.nn.config import TransformerConfig
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
-SNAPSHOT_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", TOKENIZER_FILE]
+# HF keeps Gemma 4's image soft-token budget in the processor's config, not in config.json.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+SNAPSHOT_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", TOKENIZER_FILE, *PROCESSOR_FILES]
 
 
 def is_hf_dir(path: pathlib.Path) -> bool:
@@ -61,12 +64,45 @@ def read_config(model_dir: pathlib.Path) -> TransformerConfig:
     config_json = read_config_json(model_dir)
     try:
         if hf_config4.is_gemma4(config_json):
-            return hf_config4.config_from_hf(config_json)
+            config = hf_config4.config_from_hf(config_json)
+            budget = image_soft_token_budget(model_dir)
+            if budget is not None and config.vision is not None:
+                vision = dataclasses.replace(config.vision, max_soft_tokens=budget)
+                config = dataclasses.replace(config, vision=vision)
+            return config
         return hf_map.config_from_hf(config_json)
     except (ValueError, KeyError, TypeError) as error:
         raise errors.UnsupportedModelError(
             f"{pathlib.Path(model_dir) / CONFIG_FILE}: {error}"
         ) from error
+
+
+def image_soft_token_budget(model_dir: pathlib.Path) -> int | None:
+    """`max_soft_tokens` of the image processor saved next to the weights, if any.
+
+    `processor_config.json` nests it under "image_processor"; `preprocessor_config.json` holds
+    the image processor's keys at the top level. None when neither file names it (the config
+    reader then uses HF's default, 280).
+    """
+    for name in PROCESSOR_FILES:
+        path = pathlib.Path(model_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise errors.CorruptCheckpointError(
+                f"{path} is not valid JSON ({brief(error)})."
+            ) from error
+        for table in (data.get("image_processor") or {}, data):
+            value = table.get("max_soft_tokens") if isinstance(table, dict) else None
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise errors.CorruptCheckpointError(
+                        f"{path}: max_soft_tokens must be a positive integer, got {value!r}."
+                    )
+                return value
+    return None
 
 
 def _shard_files(model_dir: pathlib.Path) -> list[pathlib.Path]:

@@ -3,6 +3,7 @@
 Run in the reference venv (torch + transformers 5.23 with `models.gemma4`):
 
     bench/.envs/ref/bin/python scripts/make_golden_gemma4_mm.py [tiny-gemma4-mm] [tiny-gemma4-moe-mm]
+        [tiny-gemma4-mm2]
 
 Where `make_golden_gemma4.py` replays the text model on hand-made soft tokens, this runs the
 whole `Gemma4ForConditionalGeneration` (float32, eager attention) on a processor-style prompt,
@@ -15,6 +16,11 @@ mask built from `mm_token_type_ids` are all HF's own code:
                          <boa> 25 x <audio> <eoa>, text (78 tokens)
     tiny-gemma4-moe-mm   `tiny_gemma4_moe` (26B-A4B-style, `use_bidirectional_attention=
                          "vision"`) with `tiny_gemma4_vision`; the same prompt without audio
+    tiny-gemma4-mm2      as tiny-gemma4-mm, on two images (224x224 -> 36 tokens, 100x300 -> 30)
+                         and two clips (1 s -> 25 tokens, 0.6 s -> 15), each kind preprocessed
+                         as one padded batch; prompt = text, <boi> 36 <eoi>, text, <boi> 30
+                         <eoi>, text, <boa> 25 <eoa>, text, <boa> 15 <eoa>, text (132 tokens);
+                         its own, smaller set of saved arrays: see `make_golden_two`
 
 The tiny vocabulary has 256 ids, so the multimodal ids of `Gemma4Config` are moved into it
 (`TOKEN_IDS`); HF swaps placeholders for the pad id 0 before any lookup, so only <boi>, <eoi>,

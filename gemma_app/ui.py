@@ -240,7 +240,7 @@ class _ChatApp:
             gr.Info(  # toasts render HTML too: `shown` keeps the tag visible
                 shown(
                     "Your message contains text that looks like a Gemma control token (such as "
-                    "<start_of_turn>). It is sent as plain text, not as a control token."
+                    "<start_of_turn> or <|turn>). It is sent as plain text, not as a control token."
                 )
             )
         return [*(history or []), user_message(text, files)], _locked_textbox(clear=True)

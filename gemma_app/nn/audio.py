@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_app.nn.config import AudioConfig
+from gemma_app.nn.layers import ScaleRMSNorm, rms_normalize
 
 NORM_EPS = 1e-6  # every RMSNorm / LayerNorm of the encoder and the text-side norm (HF)
 GRADIENT_CLIP = 1e10  # HF / reference clamp activations to +-1e10 at fixed points
@@ -110,21 +111,9 @@ class ClippedLinear(nn.Module):
         return jnp.clip(jnp.dot(x, kernel), bounds["clip_output_min"], bounds["clip_output_max"])
 
 
-class RMSNorm(nn.Module):
-    """`x * (mean(x**2) + 1e-6) ** -0.5 * scale`, scale initialised to one (no `1 +`)."""
-
-    param_dtype: jnp.dtype = _f32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
-        return rms_normalize(x) * scale.astype(_f32)
-
-
-def rms_normalize(x: jax.Array) -> jax.Array:
+def _rms(x: jax.Array) -> jax.Array:
     """RMSNorm without a scale, over the last axis, in float32."""
-    x = x.astype(_f32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS)
+    return rms_normalize(x, NORM_EPS)
 
 
 class LayerNorm(nn.Module):
@@ -196,10 +185,10 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, pd = self.config, self.param_dtype
         clipped = cfg.use_clipped_linears
-        y = RMSNorm(pd, name="pre_layer_norm")(_clip_activations(x))
+        y = ScaleRMSNorm(pd, name="pre_layer_norm")(_clip_activations(x))
         y = ClippedLinear((cfg.width, cfg.ffn_dim), clipped, pd, name="ffn_layer1")(y)  # [B,T,I]
         y = ClippedLinear((cfg.ffn_dim, cfg.width), clipped, pd, name="ffn_layer2")(nn.swish(y))
-        y = RMSNorm(pd, name="post_layer_norm")(_clip_activations(y))
+        y = ScaleRMSNorm(pd, name="post_layer_norm")(_clip_activations(y))
         return x + 0.5 * y
 
 
@@ -285,13 +274,13 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         cfg, pd = self.config, self.param_dtype
-        y = RMSNorm(pd, name="pre_norm")(_clip_activations(x))
+        y = ScaleRMSNorm(pd, name="pre_norm")(_clip_activations(x))
         y = LocalSelfAttention(cfg, pd, name="self_atten")(y, mask)  # [B, T, N, H]
         post = ClippedLinear(
             (cfg.num_heads, cfg.head_dim, cfg.width), cfg.use_clipped_linears, pd, name="post"
         )
         y = post(y.reshape(*y.shape[:2], -1))
-        return x + RMSNorm(pd, name="post_norm")(_clip_activations(y))
+        return x + ScaleRMSNorm(pd, name="post_norm")(_clip_activations(y))
 
 
 class LightConv(nn.Module):
@@ -304,7 +293,7 @@ class LightConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, pd = self.config, self.param_dtype
         w, kw = cfg.width, cfg.conv_kernel
-        y = RMSNorm(pd, name="ln")(x)
+        y = ScaleRMSNorm(pd, name="ln")(x)
         y = ClippedLinear((w, 2 * w), cfg.use_clipped_linears, pd, name="linear_start")(y)
         y = y[..., :w] * jax.nn.sigmoid(y[..., w:])  # GLU: first half gated by the second
         kernel = Kernel((kw, 1, w), in_axis=(0, 1), out_axis=2, param_dtype=pd,
@@ -313,7 +302,7 @@ class LightConv(nn.Module):
         padded = jnp.pad(y, ((0, 0), (kw - 1, 0), (0, 0)))
         t = y.shape[1]
         y = sum(padded[:, j : j + t] * kernel[j, 0] for j in range(kw))
-        y = RMSNorm(pd, name="conv_norm")(_clip_activations(y))
+        y = ScaleRMSNorm(pd, name="conv_norm")(_clip_activations(y))
         y = ClippedLinear((w, w), cfg.use_clipped_linears, pd, name="linear_end")(nn.swish(y))
         return x + y
 
@@ -331,7 +320,7 @@ class ConformerLayer(nn.Module):
         x = AttentionBlock(cfg, pd, name="trans_atten")(x, mask)
         x = LightConv(cfg, pd, name="lconv")(x)
         x = FeedForward(cfg, pd, name="fflayer_end")(x)
-        return RMSNorm(pd, name="final_ln")(_clip_activations(x))
+        return ScaleRMSNorm(pd, name="final_ln")(_clip_activations(x))
 
 
 class Conformer(nn.Module):
@@ -441,7 +430,7 @@ def project_audio(soft: jax.Array, projection_w: jax.Array) -> jax.Array:
     Returns:
       [..., D] float32; these replace the text embeddings of the audio slots (no sqrt(D)).
     """
-    return jnp.dot(rms_normalize(soft), projection_w.astype(_f32))
+    return jnp.dot(_rms(soft), projection_w.astype(_f32))
 
 
 def _example_inputs(audio_config: AudioConfig):

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_app.nn.config import Gemma4VisionConfig
+from gemma_app.nn.layers import ScaleRMSNorm, rms_normalize
 
 RMS_NORM_EPS = 1e-6  # transformers' `rms_norm_eps`; the library's RMSNorm constant
 QUERY_CHUNK = 1024  # at most this many queries per attention step (bounds the [B,N,C,S] logits)
@@ -62,19 +63,7 @@ _NEG = float(np.finfo(np.float32).min)  # masked logits: finite, so an all-paddi
 
 def _rms(x: jax.Array) -> jax.Array:
     """`x * rsqrt(mean(x**2) + eps)` over the last axis, float32 (no scale)."""
-    x = x.astype(_f32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + RMS_NORM_EPS)
-
-
-class ScaledRMSNorm(nn.Module):
-    """Gemma 4 RMSNorm: `normed * scale` (no `1 +`), scale initialised to ones."""
-
-    param_dtype: jnp.dtype = _f32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
-        return _rms(x) * scale.astype(_f32)
+    return rms_normalize(x, RMS_NORM_EPS)
 
 
 class ClippedEinsum(nn.Module):
@@ -166,8 +155,8 @@ class Attention(nn.Module):
         w, n, h, clip = cfg.width, cfg.num_heads, cfg.head_dim, cfg.use_clipped_linears
         q = ClippedEinsum((n, w, h), clip, -2, pd, name="q_einsum")("btw,nwh->btnh", x)
         kv = ClippedEinsum((2, n, w, h), clip, -2, pd, name="kv_einsum")("bsw,cnwh->cbsnh", x)
-        q = ScaledRMSNorm(pd, name="query_norm")(q)
-        k = ScaledRMSNorm(pd, name="key_norm")(kv[0])
+        q = ScaleRMSNorm(pd, name="query_norm")(q)
+        k = ScaleRMSNorm(pd, name="key_norm")(kv[0])
         v = _rms(kv[1])  # value norm without a scale
         q = apply_rope_2d(q, positions, cfg.rope_base)
         k = apply_rope_2d(k, positions, cfg.rope_base)
@@ -201,11 +190,11 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array) -> jax.Array:
         cfg, pd = self.config, self.param_dtype
         y = Attention(cfg, pd, name="attn")(
-            ScaledRMSNorm(pd, name="pre_attention_norm")(x), valid, positions
+            ScaleRMSNorm(pd, name="pre_attention_norm")(x), valid, positions
         )
-        x = x + ScaledRMSNorm(pd, name="post_attention_norm")(y)
-        y = FeedForward(cfg, pd, name="mlp")(ScaledRMSNorm(pd, name="pre_ffw_norm")(x))
-        return x + ScaledRMSNorm(pd, name="post_ffw_norm")(y)
+        x = x + ScaleRMSNorm(pd, name="post_attention_norm")(y)
+        y = FeedForward(cfg, pd, name="mlp")(ScaleRMSNorm(pd, name="pre_ffw_norm")(x))
+        return x + ScaleRMSNorm(pd, name="post_ffw_norm")(y)
 
 
 class _ScanBody(nn.Module):

@@ -168,12 +168,12 @@ class Attention(nn.Module):
         n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
         pd = self.param_dtype
         if cfg.use_qkv_einsum:
-            w = Weight((3, n, d, h), param_dtype=pd, name="qkv_einsum")(x.dtype)
+            w = Weight((3, n, d, h), param_dtype=pd, name="qkv_einsum")()
             q, k, v = jnp.moveaxis(project_heads(x, w), 1, 3)  # each [B, T, N(=K), H]
         else:
-            w_q = Weight((n, d, h), param_dtype=pd, name="q_einsum")(x.dtype)
+            w_q = Weight((n, d, h), param_dtype=pd, name="q_einsum")()
             q = jnp.moveaxis(project_heads(x, w_q), 0, 2)  # [B, T, N, H]
-            w_kv = Weight((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")(x.dtype)
+            w_kv = Weight((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")()
             k, v = jnp.moveaxis(project_heads(x, w_kv), 1, 3)  # each [B, T, K, H]
         if cfg.use_qk_norm:
             q = RMSNorm(param_dtype=pd, name="_query_norm")(q)
@@ -198,5 +198,5 @@ class Attention(nn.Module):
                 q_seg=segments, seg_cache=seg_cache,
             )  # fmt: skip
         o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
-        w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")(o.dtype)
+        w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")()
         return cache, merge_heads(o, w_o)

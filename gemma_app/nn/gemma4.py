@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_app import kernels
 from gemma_app.nn.attention import (
     LayerCache,
     chunked_attention,
@@ -68,8 +69,9 @@ class Gemma4Embedder(Embedder):
     def per_layer_inputs(self, ids: jax.Array, x0: jax.Array) -> jax.Array:
         """ids [B, T] (0 at soft tokens), x0 [B, T, D] embeddings -> [B, T, L, P]."""
         d, p = self.embed_dim, self.per_layer_dim
-        w = self.per_layer_model_projection(x0.dtype)
-        proj = jnp.einsum("btd,dlp->btlp", x0, w) * jnp.asarray(d**-0.5, x0.dtype)
+        w = self.per_layer_model_projection()  # [D, L, P]
+        proj = kernels.contract_first(x0, w.reshape(d, -1)).reshape(*x0.shape[:2], *w.shape[1:])
+        proj = proj * jnp.asarray(d**-0.5, x0.dtype)
         proj = self.per_layer_projection_norm(proj)
         table = self.per_layer_embeddings[ids].astype(x0.dtype)  # [B, T, L, P]
         tok = table * jnp.sqrt(jnp.asarray(p, x0.dtype)).astype(x0.dtype)
@@ -108,17 +110,17 @@ class Gemma4Attention(nn.Module):
         cfg, pd, t = self.config, self.param_dtype, self.attn_type
         n, d = cfg.num_heads, cfg.embed_dim
         k_heads, h = cfg.layer_kv_heads(t), cfg.layer_head_dim(t)
-        w_q = Weight((n, d, h), param_dtype=pd, name="q_einsum")(x.dtype)
+        w_q = Weight((n, d, h), param_dtype=pd, name="q_einsum")()
         q = jnp.moveaxis(project_heads(x, w_q), 0, 2)  # [B, T, N, H]
         q = self._rope(ScaleRMSNorm(param_dtype=pd, name="query_norm")(q), positions)
 
         # Always projected so that KV-shared layers own their (unused) weights as in the
         # checkpoints; under jit XLA drops the dead K/V computation.
         if cfg.k_eq_v and t == AttentionType.GLOBAL:
-            w_k = Weight((k_heads, d, h), param_dtype=pd, name="k_einsum")(x.dtype)
+            w_k = Weight((k_heads, d, h), param_dtype=pd, name="k_einsum")()
             k = v = jnp.moveaxis(project_heads(x, w_k), 0, 2)  # [B, T, K, H]
         else:
-            w_kv = Weight((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")(x.dtype)
+            w_kv = Weight((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")()
             k, v = jnp.moveaxis(project_heads(x, w_kv), 1, 3)  # each [B, T, K, H]
         k = self._rope(ScaleRMSNorm(param_dtype=pd, name="key_norm")(k), positions)
         v = ScaleRMSNorm(with_scale=False)(v)
@@ -143,7 +145,7 @@ class Gemma4Attention(nn.Module):
                 segments=segments,
             )  # fmt: skip
         o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
-        w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")(o.dtype)
+        w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")()
         return kv, merge_heads(o, w_o)
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -195,10 +197,11 @@ class Gemma4Block(nn.Module):
 
         if per_layer_input is not None:
             d, p = cfg.embed_dim, cfg.per_layer_input_dim
-            gate = Weight((d, p), param_dtype=pd, name="per_layer_input_gate")(x.dtype)
-            proj = Weight((p, d), param_dtype=pd, name="per_layer_projection")(x.dtype)
-            g = jax.nn.gelu(jnp.dot(x, gate), approximate=True) * per_layer_input  # [B, T, P]
-            x = x + norm("post_per_layer_input_norm")(jnp.dot(g, proj))
+            gate = Weight((d, p), param_dtype=pd, name="per_layer_input_gate")()
+            proj = Weight((p, d), param_dtype=pd, name="per_layer_projection")()
+            g = jax.nn.gelu(kernels.contract_first(x, gate), approximate=True)
+            g = g * per_layer_input  # [B, T, P]
+            x = x + norm("post_per_layer_input_norm")(kernels.contract_first(g, proj))
         skip = self.param("skip_scale", nn.initializers.ones_init(), (1,), pd)
         return kv, x * skip.astype(x.dtype)
 

@@ -12,15 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_app import kernels
 from gemma_app.nn.config import TransformerConfig
 
 
 class Weight(nn.Module):
-    """A weight named `w`, cast to the compute dtype on use.
+    """A weight named `w`: as stored (`dtype=None`), or cast to a compute dtype.
 
     Fan-in scaled normal init keeps random-weight models (tests, the demo) at unit activation
-    scale; real checkpoints overwrite it. bf16-stored weights run in fp32 on CPU this way
-    (XLA:CPU bf16 matmuls are several times slower than fp32).
+    scale; real checkpoints overwrite it. The decoder's products take the stored weight and
+    go through `gemma_app.kernels`, which reads bf16 weights without an fp32 copy per step.
     """
 
     shape: tuple[int, ...]
@@ -29,32 +30,29 @@ class Weight(nn.Module):
     out_axis: int | tuple[int, ...] = -1
 
     @nn.compact
-    def __call__(self, dtype: jnp.dtype) -> jax.Array:
+    def __call__(self, dtype: jnp.dtype | None = None) -> jax.Array:
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "normal", in_axis=self.in_axis, out_axis=self.out_axis
         )
-        return self.param("w", init, self.shape, self.param_dtype).astype(dtype)
+        w = self.param("w", init, self.shape, self.param_dtype)
+        return w if dtype is None else w.astype(dtype)
 
 
 def project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, T, D] @ w [*lead, D, H] -> [*lead, B, T, H] with the heads as a dot batch axis.
+    """x [B, T, D] @ w [*lead, D, H] -> [*lead, B, T, H], the heads a batch axis of the product.
 
-    `einsum("btd,ndh->btnh")` makes XLA:CPU transpose w (D is not the outermost axis) on
-    every call: a full copy of the attention weights per decode step. Batching over the
-    leading axes reads w in place.
+    Never `einsum("btd,ndh->btnh")`: XLA:CPU would transpose w (D is not its outermost axis)
+    on every call, a full copy of the attention weights per decode step.
     """
     *lead, d, h = w.shape
-    b, t, _ = x.shape
-    wf = w.reshape(-1, d, h)  # leading axes merge for free
-    xb = jnp.broadcast_to(x.reshape(1, b * t, d), (wf.shape[0], b * t, d))
-    y = jax.lax.dot_general(xb, wf, (((2,), (1,)), ((0,), (0,))))  # [L, B*T, H]
-    return y.reshape(*lead, b, t, h)
+    y = kernels.contract_first(x, w.reshape(-1, d, h))  # leading axes merge for free
+    return y.reshape(*lead, *x.shape[:2], h)
 
 
 def merge_heads(o: jax.Array, w: jax.Array) -> jax.Array:
-    """o [B, T, N, H] @ w [N, H, D] -> [B, T, D] as one [N*H, D] matmul (no weight copy)."""
+    """o [B, T, N, H] @ w [N, H, D] -> [B, T, D] as one [N*H, D] product (no weight copy)."""
     n, h, d = w.shape
-    return jnp.dot(o.reshape(*o.shape[:2], n * h), w.reshape(n * h, d))
+    return kernels.contract_first(o.reshape(*o.shape[:2], n * h), w.reshape(n * h, d))
 
 
 class RMSNorm(nn.Module):
@@ -123,16 +121,16 @@ class FeedForward(nn.Module):
             w = self.param(
                 "gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype
             )
-            gates = jnp.einsum("btd,sfd->sbtf", x, w.astype(x.dtype))
+            gates = kernels.contract_last(x, w)  # [2, B, T, F]
         else:  # stored (2, D, F): Gemma 1 and Gemma 2 2B
             w = self.param(
                 "gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype
             )
-            gates = jnp.einsum("btd,sdf->sbtf", x, w.astype(x.dtype))
+            gates = kernels.contract_first(x, w)  # [2, B, T, F]
         # tanh-approximated GELU, as flax.linen.gelu's default and HF's gelu_pytorch_tanh.
         hidden = jax.nn.gelu(gates[0], approximate=True) * gates[1]  # [B, T, F]
         linear = self.param("linear", scaled(in_axis=-2, out_axis=-1), (f, d), self.param_dtype)
-        return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))
+        return kernels.contract_first(hidden, linear)
 
 
 class Embedder(nn.Module):
@@ -156,4 +154,4 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         # [..., D] -> [..., V]
-        return jnp.einsum("...d,vd->...v", x, self.input_embedding.astype(x.dtype))
+        return kernels.contract_last(x, self.input_embedding)

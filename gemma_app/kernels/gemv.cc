@@ -1,0 +1,326 @@
+// Matrix-vector products for batch-1 decode on CPU: fp32 or bf16 weights, fp32 math.
+//
+//   contract_last:  y[g, m, n] = sum_k x[m, k] * w[g, n, k]     (w [G, N, K])
+//   contract_first: y[g, m, n] = sum_k x[m, k] * w[g, k, n]     (w [G, K, N])
+//
+// A decode step reads every weight once, so it runs at the speed memory delivers them. XLA:CPU
+// reaches ~35 GB/s on an fp32 GEMV here and ~1.5 GB/s on a bf16 one (bench/README.md); these
+// loops stream both dtypes at memory speed, widening bf16 to fp32 in registers, so bf16
+// storage halves the bytes per token without changing the math.
+//
+// The loops are plain C++ written for the auto-vectoriser (fixed-width inner loops over
+// contiguous memory), built with -O3 -march=native by gemma_app/kernels/build.py: AVX-512,
+// AVX2 and NEON machines all get vector code from the same source. Work is split over XLA's
+// intra-op thread pool; the calling thread takes units too, so the call never waits on a
+// pool that is busy elsewhere.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxRows = 4;            // x rows (batch x tokens) per call; more go to XLA's GEMM
+constexpr int64_t kSerialBytes = 1 << 18;  // smaller weights are not worth waking a thread
+constexpr int64_t kUnitsPerWorker = 8;     // granularity of the dynamic split
+
+// GCC/Clang vector extensions: one 16-lane fp32 register on AVX-512, two on AVX2 or NEON.
+typedef float F32x16 __attribute__((vector_size(64)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t v) {  // bf16 is the top half of an fp32
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline F32x16 Load16(const float* p) {
+  F32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline F32x16 Load16(const uint16_t* p) {
+  U16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
+  F32x16 v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline float Sum(F32x16 v) {
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += v[j];
+  return s;
+}
+
+// y[m, n] for rows n in [n0, n1) of one w [N, K] (contraction axis contiguous). Four weight
+// rows per pass share each load of x and give four independent accumulator chains per x row.
+template <typename W, int M>
+void RowsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int64_t N, int64_t n0,
+               int64_t n1, float* __restrict y) {
+  constexpr int R = 4;
+  const int64_t k16 = K / 16 * 16;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    F32x16 acc[M][R] = {};
+    for (int64_t k = 0; k < k16; k += 16) {
+      F32x16 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = Load16(w + (n + r) * K + k);
+      for (int m = 0; m < M; ++m) {
+        const F32x16 xv = Load16(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        float s = Sum(acc[m][r]);
+        for (int64_t k = k16; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
+        y[m * N + n + r] = s;
+      }
+  }
+  for (; n < n1; ++n) {
+    for (int m = 0; m < M; ++m) {
+      F32x16 acc = {};
+      for (int64_t k = 0; k < k16; k += 16) acc += Load16(x + m * K + k) * Load16(w + n * K + k);
+      float s = Sum(acc);
+      for (int64_t k = k16; k < K; ++k) s += x[m * K + k] * Widen(w[n * K + k]);
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// The bf16 version of RowsBlock. A 64-byte load holds 32 weights as 16 lanes of two: element
+// 2j is the low half of lane j, element 2j+1 the high half. `lane << 16` and `lane & 0xffff0000`
+// are those two as fp32 with no cross-lane shuffle, against x split the same way once per call
+// (xs: per 32-block, x's even elements then its odd ones). This halves the work per weight,
+// which is what bounded the widening loads on a 2-vCPU machine.
+template <int M>
+void RowsBlockBf16(const float* __restrict x, const float* __restrict xs,
+                   const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                   float* __restrict y) {
+  constexpr int R = 4;
+  const int64_t k32 = K / 32 * 32;
+  const U32x16 high = U32x16{} + 0xffff0000u;
+  auto halves = [&](const uint16_t* p, F32x16& even, F32x16& odd) {
+    U32x16 lanes;
+    std::memcpy(&lanes, p, sizeof lanes);
+    const U32x16 e = lanes << 16, o = lanes & high;
+    std::memcpy(&even, &e, sizeof even);
+    std::memcpy(&odd, &o, sizeof odd);
+  };
+  for (int64_t n = n0; n < n1; n += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
+    F32x16 acc[M][R] = {};
+    for (int64_t k = 0; k < k32; k += 32) {
+      F32x16 even[R], odd[R];
+      for (int r = 0; r < R; ++r) {
+        if (r < rows) halves(w + (n + r) * K + k, even[r], odd[r]);
+        else even[r] = odd[r] = F32x16{};
+      }
+      for (int m = 0; m < M; ++m) {
+        const F32x16 xe = Load16(xs + m * K + k), xo = Load16(xs + m * K + k + 16);
+        for (int r = 0; r < R; ++r) acc[m][r] += xe * even[r] + xo * odd[r];
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < rows; ++r) {
+        float s = Sum(acc[m][r]);
+        for (int64_t k = k32; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
+        y[m * N + n + r] = s;
+      }
+  }
+}
+
+// xs for RowsBlockBf16: per 32-block of each row of x [M, K], its even then its odd elements.
+std::vector<float> SplitEvenOdd(const float* x, int64_t M, int64_t K) {
+  std::vector<float> xs(M * K);
+  const int64_t k32 = K / 32 * 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* out = xs.data() + m * K;
+    for (int64_t k = 0; k < k32; k += 32)
+      for (int j = 0; j < 16; ++j) {
+        out[k + j] = xr[k + 2 * j];
+        out[k + 16 + j] = xr[k + 2 * j + 1];
+      }
+    for (int64_t k = k32; k < K; ++k) out[k] = xr[k];
+  }
+  return xs;
+}
+
+// acc[m, :] += sum_{k in [k0, k1)} x[m, k] * w[k, :] for one w [K, N] (output axis contiguous).
+// Four weight rows per pass, so the accumulator row is loaded and stored once per four.
+template <typename W, int M>
+void ColsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int64_t N, int64_t k0,
+               int64_t k1, float* __restrict acc) {
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const W* __restrict w0 = w + k * N;
+    const W* __restrict w1 = w0 + N;
+    const W* __restrict w2 = w1 + N;
+    const W* __restrict w3 = w2 + N;
+    for (int m = 0; m < M; ++m) {
+      const float a0 = x[m * K + k], a1 = x[m * K + k + 1];
+      const float a2 = x[m * K + k + 2], a3 = x[m * K + k + 3];
+      float* __restrict out = acc + m * N;
+      for (int64_t j = 0; j < N; ++j)
+        out[j] += a0 * Widen(w0[j]) + a1 * Widen(w1[j]) + a2 * Widen(w2[j]) + a3 * Widen(w3[j]);
+    }
+  }
+  for (; k < k1; ++k) {
+    const W* __restrict wk = w + k * N;
+    for (int m = 0; m < M; ++m) {
+      const float a = x[m * K + k];
+      float* __restrict out = acc + m * N;
+      for (int64_t j = 0; j < N; ++j) out[j] += a * Widen(wk[j]);
+    }
+  }
+}
+
+// One call's work, shared by the calling thread and the pool tasks it schedules.
+struct Job {
+  int64_t units = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<int> workers{0};
+  std::vector<std::vector<float>> partial;  // contract_first: one [G, M, N] sum per worker
+};
+
+template <typename W, int M>
+struct Problem {
+  const float* x;
+  const float* xs;  // bf16 rows only: x split by SplitEvenOdd
+  const W* w;
+  float* y;
+  int64_t G, N, K;
+  bool contract_last;
+  int64_t blocks;  // units per g: row blocks (contract_last) or k chunks (contract_first)
+
+  int64_t Units() const { return G * blocks; }
+
+  void Run(int64_t unit, float* partial) const {
+    const int64_t g = unit / blocks, b = unit % blocks;
+    const W* wg = w + g * N * K;
+    if (contract_last) {
+      const int64_t step = (N + blocks - 1) / blocks;
+      const int64_t n0 = b * step, n1 = std::min(N, n0 + step);
+      if constexpr (std::is_same_v<W, uint16_t>)
+        RowsBlockBf16<M>(x, xs, wg, K, N, n0, n1, y + g * M * N);
+      else
+        RowsBlock<W, M>(x, wg, K, N, n0, n1, y + g * M * N);
+    } else {
+      const int64_t step = ((K + blocks - 1) / blocks + 3) / 4 * 4;
+      const int64_t k0 = std::min(K, b * step), k1 = std::min(K, k0 + step);
+      ColsBlock<W, M>(x, wg, K, N, k0, k1, partial + g * M * N);
+    }
+  }
+};
+
+template <typename P>
+void Work(const P& p, Job& job) {
+  const int id = job.workers.fetch_add(1);
+  float* partial = p.contract_last ? nullptr : job.partial[id].data();
+  for (int64_t u; (u = job.next.fetch_add(1)) < job.units;) {
+    p.Run(u, partial);
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+template <typename W, int M>
+void Launch(ffi::ThreadPool& pool, const Problem<W, M>& base, int64_t weight_bytes) {
+  Problem<W, M> p = base;
+  int64_t threads = weight_bytes < kSerialBytes ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_g = p.contract_last ? p.N : p.K / 16;  // k chunks of at least 16 rows
+  const int64_t want = std::max<int64_t>(1, threads * kUnitsPerWorker / p.G);
+  p.blocks = std::max<int64_t>(1, std::min(per_g, threads == 1 ? 1 : want));
+  threads = std::min(threads, p.Units());
+
+  std::vector<float> xs;
+  if (std::is_same_v<W, uint16_t> && p.contract_last) {
+    xs = SplitEvenOdd(p.x, M, p.K);
+    p.xs = xs.data();
+  }
+  auto job = std::make_shared<Job>();
+  job->units = p.Units();
+  if (!p.contract_last)
+    job->partial.assign(threads, std::vector<float>(p.G * M * p.N, 0.f));
+  for (int64_t t = 1; t < threads; ++t) {
+    pool.Schedule([job, p]() {
+      // A task that starts after the caller took every unit finds none and leaves.
+      if (job->next.load() < job->units) Work(p, *job);
+    });
+  }
+  // Tasks that never got a worker slot leave their partial sums at zero.
+  Work(p, *job);
+  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
+
+  if (!p.contract_last) {
+    const int64_t size = p.G * M * p.N;
+    std::copy(job->partial[0].begin(), job->partial[0].end(), p.y);
+    for (int64_t t = 1; t < threads; ++t)
+      for (int64_t i = 0; i < size; ++i) p.y[i] += job->partial[t][i];
+  }
+}
+
+template <typename W>
+void Dispatch(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t G,
+              int64_t N, int64_t K, bool contract_last) {
+  const int64_t bytes = G * N * K * static_cast<int64_t>(sizeof(W));
+  switch (M) {
+    case 1: return Launch<W, 1>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
+    case 2: return Launch<W, 2>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
+    case 3: return Launch<W, 3>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
+    default: return Launch<W, 4>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
+  }
+}
+
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3)
+    return ffi::Error::InvalidArgument("gemv: x must be [M, K] and w [G, *, *]");
+  const int64_t M = xd[0], K = xd[1], G = wd[0];
+  const int64_t N = contract_last ? wd[1] : wd[2];
+  if ((contract_last ? wd[2] : wd[1]) != K)
+    return ffi::Error::InvalidArgument("gemv: contraction sizes of x and w differ");
+  if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("gemv: 1 to 4 rows of x");
+  if (M * K == 0 || G * N == 0) return ffi::Error::Success();
+  float* out = y->typed_data();
+  switch (w.element_type()) {
+    case ffi::DataType::F32:
+      Dispatch(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), out, M, G, N, K,
+               contract_last);
+      break;
+    case ffi::DataType::BF16:
+      Dispatch(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), out, M, G, N,
+               K, contract_last);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("gemv: weights must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemv, Gemv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("contract_last"));

@@ -99,8 +99,8 @@ _FLAGS = [
     ("--model", str, "demo", "'demo' (tiny Gemma 4, random weights), 'demo-gemma3', a variant "
      "(gemma3-1b-it), a checkpoint dir or an HF repo"),
     ("--tokenizer", str, None, "tokenizer.model path, if not found next to the checkpoint"),
-    ("--dtype", str, "auto", "weights and compute dtype: auto (float32 on CPU, bfloat16 on "
-     "GPU/TPU), bfloat16 (half the memory; slow on CPU) or float32"),
+    ("--dtype", str, "auto", "weights dtype: auto (bfloat16, float32 math on CPU), bfloat16 "
+     "or float32 (twice the memory; bf16 checkpoints gain nothing)"),
     ("--text-only", bool, "false", "skip the image encoder of vision models (saves ~1.7 GB)"),
     ("--cache-length", int, "4096", "context length: KV-cache slots per chat"),
     ("--max-new-tokens", int, "512", "default of the max-new-tokens slider"),

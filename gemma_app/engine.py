@@ -14,6 +14,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from gemma_app import kernels
 from gemma_app.nn import audio, presets, vision, vision4
 from gemma_app.nn.config import TransformerConfig
 from gemma_app.nn.transformer import Transformer, init_params
@@ -47,30 +48,44 @@ class DtypeChoice:
     note: str = ""
 
 
+def compute_dtype_for(param_dtype) -> jnp.dtype:
+    """fp32 math on CPU whatever the storage (gemma_app/kernels reads bf16 weights at memory
+    speed; XLA:CPU's bf16 matmuls are several times slower); the storage dtype elsewhere."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(param_dtype)
+
+
 def resolve_dtype(requested: str | None = None) -> DtypeChoice:
     """Maps a user's dtype request ("auto", "float32", "bfloat16") to storage + compute dtypes.
 
-    Measured on a 2-core AVX-512 CPU with XLA:CPU (bench/RESULTS.md): bf16 weights run Gemma 3
-    270M decode ~20x slower than fp32, whether computed in bf16 or upcast per step. So "auto"
-    is fp32 on CPU and bf16 on accelerators, and an explicit bf16 request on CPU is honoured
-    (it halves memory) with a loud note instead of a silent slowdown.
+    On CPU the math is always fp32. With the CPU kernels (gemma_app/kernels, built on first
+    use), bf16 storage is the fastest choice as well as the smallest: decode reads half the
+    bytes (Gemma 3 1B: 14.3 vs 7.9 tok/s, bench/RESULTS.md) and released checkpoints are bf16,
+    so nothing is rounded. "auto" picks it then; without the kernels XLA:CPU decodes bf16
+    weights ~20x slower, so "auto" is fp32 and an explicit bf16 request gets a loud note.
+    Accelerators: bf16 storage and math.
     """
     key = (requested or "auto").lower()
     if key != "auto" and key not in _DTYPES:
         raise ValueError(f"Unknown dtype {requested!r}: use auto, float32 or bfloat16")
-    on_cpu = jax.default_backend() == "cpu"
+    if jax.default_backend() != "cpu":
+        dtype = jnp.bfloat16 if key == "auto" else _DTYPES[key]
+        return DtypeChoice(dtype, dtype)
+    fast_bf16 = kernels.build.load()
     if key == "auto":
-        dtype = default_compute_dtype()
-        return DtypeChoice(dtype, dtype, "fp32: fastest on CPU" if on_cpu else "")
+        if fast_bf16:
+            return DtypeChoice(jnp.bfloat16, jnp.float32, "bfloat16 weights, float32 math")
+        return DtypeChoice(jnp.float32, jnp.float32, "float32: fastest on CPU without kernels")
     dtype = _DTYPES[key]
-    note = ""
-    if on_cpu and dtype == jnp.bfloat16:
-        note = (
-            "bfloat16 on CPU halves memory but decodes many times slower than float32 "
-            "(XLA:CPU bf16 matmuls); use --dtype float32 if the weights fit in RAM"
-        )
-        logging.getLogger(__name__).warning(note)
-    return DtypeChoice(dtype, dtype, note)
+    if dtype == jnp.float32:
+        return DtypeChoice(dtype, dtype)
+    if fast_bf16:
+        return DtypeChoice(dtype, jnp.float32, "bfloat16 weights, float32 math")
+    note = (
+        "bfloat16 weights on a CPU without the project's kernels (no C++ compiler?) decode many "
+        "times slower than float32; use --dtype float32 if the weights fit in RAM"
+    )
+    logging.getLogger(__name__).warning(note)
+    return DtypeChoice(dtype, jnp.float32, note)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ from gemma_app.ckpt.errors import (
 )
 from gemma_app.ckpt.hf_map import flatten_params, param_shapes, unflatten_params
 from gemma_app.ckpt.progress import Progress, ProgressFn
-from gemma_app.engine import Engine, resolve_dtype
+from gemma_app.engine import Engine, compute_dtype_for, resolve_dtype
 from gemma_app.nn import presets
 from gemma_app.nn.config import TransformerConfig
 from gemma_app.text.tokenizer import Tokenizer
@@ -56,8 +56,8 @@ DTYPES = {
     "fp32": jnp.float32,
     "f32": jnp.float32,
 }
-# Storage dtype when none is asked for: engine.resolve_dtype("auto") picks float32 on CPU
-# (XLA:CPU decodes bf16 weights ~20x slower) and bfloat16 on accelerators.
+# Storage dtype when none is asked for: engine.resolve_dtype("auto") picks bfloat16 (float32
+# on a CPU without the project's kernels, where XLA:CPU decodes bf16 weights ~20x slower).
 DEFAULT_DTYPE = "auto"
 logger = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.model"
@@ -214,9 +214,9 @@ def load_engine(
     Args:
       model: variant name, Kaggle handle, local directory or Hugging Face repo id.
       tokenizer: a `tokenizer.model` to use instead of the one next to the weights.
-      dtype: dtype of the text weights and of the compute, "auto" (default: float32 on CPU,
-        bfloat16 on accelerators), "bfloat16" or "float32" (see `engine.resolve_dtype`; a
-        bfloat16 request on CPU is honoured with a logged warning). The image encoder is
+      dtype: storage dtype of the text weights, "auto" (default: bfloat16; float32 on a CPU
+        without the project's kernels), "bfloat16" or "float32" (see `engine.resolve_dtype`).
+        The math is float32 on CPU and the storage dtype elsewhere. The image encoder is
         always float32.
       text_only: skip the image encoder. By default it is loaded when the model has one
         (Gemma 3 4B/12B/27B; a local checkpoint's is recognised from its shapes) and the
@@ -434,9 +434,7 @@ def _load_tokenizer(path: pathlib.Path, config: TransformerConfig) -> Tokenizer:
 def _engine(
     name: str, config: TransformerConfig, params: dict, tokenizer: Tokenizer, dtype: np.dtype
 ) -> Engine:
-    # Compute in the storage dtype: an upcast of bf16 weights on every step costs more than
-    # it saves on XLA:CPU, and on accelerators bf16 is the right compute dtype anyway.
-    compute = jnp.float32 if dtype == np.dtype(jnp.float32) else jnp.bfloat16
+    compute = compute_dtype_for(dtype)  # fp32 math on CPU, the storage dtype elsewhere
     images = config.vision is not None and "vision_encoder" in params
     audio = config.audio is not None and "audio_encoder" in params
     return Engine(

@@ -23,7 +23,10 @@ import jax
 import jaxlib
 
 SOURCE = pathlib.Path(__file__).with_name("gemv.cc")
-TARGET = "gemma_app_gemv"
+TARGETS = {
+    "gemma_app_gemv": "GemmaAppGemv",
+    "gemma_app_gemm_bf16": "GemmaAppGemmBf16",
+}
 _LOG = logging.getLogger(__name__)
 
 
@@ -92,8 +95,9 @@ def load() -> bool:
             _LOG.info("Building CPU kernels into %s", path)
             _compile(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        capsule = jax.ffi.pycapsule(lib.GemmaAppGemv)
-        jax.ffi.register_ffi_target(TARGET, capsule, platform="cpu")
+        for target, symbol in TARGETS.items():
+            capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+            jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     except (OSError, RuntimeError, AttributeError) as err:
         _LOG.warning("CPU kernels unavailable (%s): decoding uses XLA's dots.", err)
         return False

@@ -1,7 +1,10 @@
-// Matrix-vector products for batch-1 decode on CPU: fp32 or bf16 weights, fp32 math.
+// The decoder's weight products on CPU, fp32 math on fp32 or bf16 weights:
 //
 //   contract_last:  y[g, m, n] = sum_k x[m, k] * w[g, n, k]     (w [G, N, K])
 //   contract_first: y[g, m, n] = sum_k x[m, k] * w[g, k, n]     (w [G, K, N])
+//
+// GemmaAppGemv: M <= 4 rows (decode steps), fp32 or bf16 weights.
+// GemmaAppGemmBf16: any M (prefill chunks) with bf16 weights; fp32 weights use XLA's GEMM.
 //
 // A decode step reads every weight once, so it runs at the speed memory delivers them. XLA:CPU
 // reaches ~35 GB/s on an fp32 GEMV here and ~1.5 GB/s on a bf16 one (bench/README.md); these
@@ -315,6 +318,105 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+// Prefill products with bf16 weights: y[g, m, n] for any M, without an fp32 copy of w.
+// For each 32-output panel of w, the whole contraction is widened (and for contract_last
+// transposed) once into a thread-local fp32 panel [K][32], which then feeds every 6-row tile
+// of x: 12 accumulator registers, two panel loads and six broadcasts per k. A materialised
+// fp32 weight would cost more than the product here: fresh 64 MB buffers page-fault at
+// ~5 GB/s.
+constexpr int kMR = 6;
+constexpr int64_t kNR = 32;
+
+template <bool kLast>
+void PackPanel(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
+               float* __restrict panel) {
+  const int64_t nr = std::min<int64_t>(kNR, N - n0);
+  if (kLast) {  // w [N, K]: read each output's row, write a column of the panel
+    for (int64_t j = 0; j < kNR; ++j) {
+      const uint16_t* src = w + (n0 + std::min(j, nr - 1)) * K;
+      const bool pad = j >= nr;
+      for (int64_t k = 0; k < K; ++k) panel[k * kNR + j] = pad ? 0.f : Widen(src[k]);
+    }
+  } else {  // w [K, N]: the panel's rows are slices of w's rows
+    for (int64_t k = 0; k < K; ++k) {
+      const uint16_t* src = w + k * N + n0;
+      for (int64_t j = 0; j < kNR; ++j) panel[k * kNR + j] = j < nr ? Widen(src[j]) : 0.f;
+    }
+  }
+}
+
+// y[m0:m0+rows, n0:n0+nr] = x[m0:m0+rows, :] @ panel.
+void Tile(const float* __restrict x, int64_t K, int rows, const float* __restrict panel,
+          float* __restrict y, int64_t N, int64_t nr) {
+  F32x16 acc[kMR][2] = {};
+  const float* xr[kMR];
+  for (int i = 0; i < kMR; ++i) xr[i] = x + std::min(i, rows - 1) * K;  // pad rows: discarded
+  for (int64_t k = 0; k < K; ++k) {
+    const F32x16 b0 = Load16(panel + k * kNR), b1 = Load16(panel + k * kNR + 16);
+    for (int i = 0; i < kMR; ++i) {
+      const F32x16 a = F32x16{} + xr[i][k];
+      acc[i][0] += a * b0;
+      acc[i][1] += a * b1;
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    float out[kNR];
+    std::memcpy(out, &acc[i][0], sizeof acc[i][0]);
+    std::memcpy(out + 16, &acc[i][1], sizeof acc[i][1]);
+    std::copy(out, out + nr, y + i * N);
+  }
+}
+
+template <bool kLast>
+void GemmPanel(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K,
+               int64_t n0) {
+  thread_local std::vector<float> panel;
+  if (static_cast<int64_t>(panel.size()) < K * kNR) panel.resize(K * kNR);
+  PackPanel<kLast>(w, K, N, n0, panel.data());
+  const int64_t nr = std::min<int64_t>(kNR, N - n0);
+  for (int64_t m = 0; m < M; m += kMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, M - m));
+    Tile(x + m * K, K, rows, panel.data(), y + m * N + n0, N, nr);
+  }
+}
+
+ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3)
+    return ffi::Error::InvalidArgument("gemm: x must be [M, K] and w [G, *, *]");
+  const int64_t M = xd[0], K = xd[1], G = wd[0];
+  const int64_t N = contract_last ? wd[1] : wd[2];
+  if ((contract_last ? wd[2] : wd[1]) != K)
+    return ffi::Error::InvalidArgument("gemm: contraction sizes of x and w differ");
+  if (M * K == 0 || G * N == 0) return ffi::Error::Success();
+  const float* xs = x.typed_data();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* ys = y->typed_data();
+  const int64_t panels = (N + kNR - 1) / kNR;
+  auto job = std::make_shared<Job>();
+  job->units = G * panels;
+  auto work = [job, xs, ws, ys, M, N, K, panels, contract_last]() {
+    for (int64_t u; (u = job->next.fetch_add(1)) < job->units;) {
+      const int64_t g = u / panels, n0 = (u % panels) * kNR;
+      const uint16_t* wg = ws + g * N * K;
+      float* yg = ys + g * M * N;
+      if (contract_last) GemmPanel<true>(xs, wg, yg, M, N, K, n0);
+      else GemmPanel<false>(xs, wg, yg, M, N, K, n0);
+      job->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->units);
+  for (int64_t t = 1; t < threads; ++t)
+    pool.Schedule([job, work]() {
+      if (job->next.load() < job->units) work();
+    });
+  work();
+  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemv, Gemv,
@@ -322,5 +424,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemv, Gemv,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("contract_last"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemmBf16, GemmBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contract_last"));

@@ -1,0 +1,146 @@
+"""The CPU kernels (gemma_app/kernels): every product against XLA, and their use in the decoder."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_app import kernels
+from gemma_app.kernels import build
+from gemma_app.nn import presets
+from gemma_app.nn.attention import CACHE_CHUNK
+from gemma_app.nn.transformer import Transformer, forward, init_cache, init_params
+
+pytestmark = pytest.mark.skipif(not build.load(), reason="no C++ compiler for the CPU kernels")
+
+# (G, N, K): multiples of the vector width and awkward tails of both axes.
+SHAPES = [(1, 64, 64), (2, 37, 70), (3, 5, 33), (1, 300, 1), (4, 129, 640)]
+
+
+def _reference(x, w, last):
+    """fp64 numpy product on the stored (possibly bf16) weights."""
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    w64 = w64 if last else np.swapaxes(w64, 1, 2)  # [G, N, K]
+    return np.einsum("mk,gnk->gmn", np.asarray(x, np.float64), w64)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("last", [True, False], ids=["contract_last", "contract_first"])
+def test_products_equal_fp64_reference(rows, dtype, last):
+    rng = np.random.default_rng(rows)
+    for g, n, k in SHAPES:
+        shape = (g, n, k) if last else (g, k, n)
+        w = jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+        x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
+        fn = kernels.contract_last if last else kernels.contract_first
+        got = np.asarray(jax.jit(fn)(x, w))
+        want = _reference(x, w, last)
+        assert got.shape == want.shape == (g, rows, n)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_leading_axes_and_ungrouped_weights():
+    """x [B, T, K] and a 2-D w give [B, T, N]; a 3-D w puts its group axis first."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 1, 48), dtype=np.float32))
+    w2 = jnp.asarray(rng.standard_normal((48, 20), dtype=np.float32)).astype(jnp.bfloat16)
+    got = kernels.contract_first(x, w2)
+    assert got.shape == (1, 1, 20)
+    np.testing.assert_allclose(got, x @ w2.astype(jnp.float32), rtol=1e-5, atol=1e-5)
+    w3 = jnp.stack([w2.T, 2 * w2.T])  # [2, N, K]
+    got = kernels.contract_last(x, w3)
+    assert got.shape == (2, 1, 1, 20)
+    np.testing.assert_allclose(got[1], 2 * (x @ w2.astype(jnp.float32)), rtol=1e-5, atol=1e-5)
+
+
+def _lowered_text(cfg, params, rows):
+    model = Transformer(cfg)
+    cache = init_cache(cfg, batch=1, cache_length=CACHE_CHUNK)
+    tokens = jnp.zeros((1, rows), jnp.int32)
+    fn = jax.jit(lambda p, t, c: model.apply({"params": p}, t, t, c))
+    return fn.lower(params, tokens, cache).as_text()
+
+
+def test_decoder_uses_the_kernels_on_cpu():
+    """Decode steps call the GEMV; bf16 prefill chunks the GEMM; fp32 prefill stays XLA's."""
+    cfg = presets.tiny_gemma3()
+    p32 = init_params(cfg, seed=0)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p32)
+    decode = _lowered_text(cfg, p16, rows=1)
+    assert "gemma_app_gemv" in decode and "gemma_app_gemm_bf16" not in decode
+    prefill16 = _lowered_text(cfg, p16, rows=32)
+    assert "gemma_app_gemm_bf16" in prefill16 and "gemma_app_gemv" not in prefill16
+    prefill32 = _lowered_text(cfg, p32, rows=32)
+    assert "gemma_app" not in prefill32
+
+
+@pytest.mark.parametrize("make_config", [presets.tiny_gemma2, presets.tiny_gemma4])
+def test_bf16_weights_cached_decode_equals_fp32_forward(make_config):
+    """bf16-stored weights, fp32 math: prefill (GEMM) + decode (GEMV) == an uncached fp32
+    forward over the same weights widened to fp32 (XLA's dots)."""
+    cfg = make_config()
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, seed=3))
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p16)
+    length, prefill = 60, 48
+    tokens = jax.random.randint(jax.random.key(1), (1, length), 0, cfg.num_embed)
+    full = forward(cfg, p32, tokens)
+    apply = jax.jit(Transformer(cfg).apply)
+    cache = init_cache(cfg, batch=1, cache_length=CACHE_CHUNK)
+    pos = jnp.arange(length)[None]
+    out, cache = apply({"params": p16}, tokens[:, :prefill], pos[:, :prefill], cache)
+    steps = [out]
+    for t in range(prefill, length):
+        step, cache = apply({"params": p16}, tokens[:, t : t + 1], pos[:, t : t + 1], cache)
+        steps.append(step)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=5e-5, rtol=1e-5)
+
+
+def test_kernels_off_by_environment(monkeypatch):
+    monkeypatch.setenv("GEMMA_APP_KERNELS", "0")
+    assert not build.enabled()
+    monkeypatch.setenv("GEMMA_APP_KERNELS", "1")
+    assert build.enabled()
+
+
+def test_failed_build_falls_back_to_xla(monkeypatch, tmp_path, caplog):
+    """A compiler that fails leaves a warning, not an exception, and no library behind."""
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("GEMMA_APP_KERNEL_DIR", str(tmp_path / "cache"))
+    build.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=build.__name__):
+            assert build.load() is False
+        assert "CPU kernels unavailable" in caplog.text and "fatal error" in caplog.text
+        assert not list((tmp_path / "cache").glob("*.so"))
+    finally:
+        monkeypatch.undo()
+        build.load.cache_clear()
+    assert build.load()  # the real library again, from its cache
+
+
+def test_library_is_cached_per_source(monkeypatch, tmp_path):
+    """A second load reuses the built library; a changed source builds a new one."""
+    monkeypatch.setenv("GEMMA_APP_KERNEL_DIR", str(tmp_path))
+    cxx = build.compiler()
+    first = build._library_path(cxx)
+    build._compile(cxx, first)
+    assert build._library_path(cxx) == first
+    changed = tmp_path / "gemv.cc"
+    changed.write_text(build.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(build, "SOURCE", changed)
+    assert build._library_path(cxx) != first
+
+
+def test_bf16_activations_with_many_rows_use_xla():
+    """The kernels compute in fp32; a bf16-compute prefill (accelerator dtype) stays XLA's."""
+    x = jnp.ones((8, 16), jnp.bfloat16)
+    w = jnp.ones((16, 4), jnp.bfloat16)
+    assert kernels._target(x, w[None]) is None
+    assert kernels._target(x[:1], w[None]) == "gemma_app_gemv"
+    np.testing.assert_allclose(kernels.contract_first(x, w).astype(jnp.float32), 16.0)

@@ -3,7 +3,7 @@
 Run by hand from the repository root (not part of the test suite):
 
     source .venv/bin/activate
-    python bench/run.py                       # full CPU run: 270M and 1B, fp32/bf16/bf16-fp32
+    python bench/run.py                       # full CPU run: 270M and 1B, fp32 and bf16
     python bench/run.py --quick               # smoke test: 270M fp32, 8 tokens, 1 rep
     python bench/run.py --models 1b --engines ours,hf --dtypes fp32
     python bench/run.py --device gpu          # ours (+ HF on cuda if importable), 1B/4B bf16
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     gpu = a.device == "gpu"
     a.models = (a.models or ("1b,4b" if gpu else "270m" if a.quick else "270m,1b")).split(",")
     a.engines = (a.engines or ("ours,hf" if gpu else "ours,hf,gemma")).split(",")
-    a.dtypes = (a.dtypes or ("bf16" if gpu else "fp32" if a.quick else "fp32,bf16,bf16-fp32")
+    a.dtypes = (a.dtypes or ("bf16" if gpu else "fp32" if a.quick else "fp32,bf16")
                 ).split(",")  # fmt: skip
     for name, values, allowed in (("models", a.models, common.ARCH), ("engines", a.engines,
                                   ENGINES), ("dtypes", a.dtypes, common.DTYPES)):  # fmt: skip
@@ -510,8 +510,10 @@ def render(results, supplements=None, notes=None) -> str:
         "2 and 3 of a multi-turn chat. *peak RSS* = the worker process's ru_maxrss (random "
         "weights included; ours and gemma make them leaf by leaf), in brackets the RSS right "
         "after the weights exist. *load* = 1-minute load average when the worker started → "
-        "ended. *dtype*: fp32; bf16 (stored and computed in bf16); bf16-fp32 (stored bf16, "
-        "computed fp32).",
+        "ended. *dtype*: fp32; bf16 = bf16 weights, computed in bf16 by HF and gemma, and by ours "
+        "as the engine serves a bf16 request (`engine.resolve_dtype`: fp32 math on CPU through "
+        "gemma_app/kernels; `compute_dtype` in the JSON); bf16-fp32 (ours only, `--dtypes`): "
+        "stored bf16, computed fp32.",
         "",
         "## Targets (ratios from this run)",
         *targets(results),

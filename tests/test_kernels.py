@@ -144,3 +144,16 @@ def test_bf16_activations_with_many_rows_use_xla():
     assert kernels._target(x, w[None]) is None
     assert kernels._target(x[:1], w[None]) == "gemma_app_gemv"
     np.testing.assert_allclose(kernels.contract_first(x, w).astype(jnp.float32), 16.0)
+
+
+def test_ffi_targets_reject_mismatched_shapes():
+    """The library checks shapes itself: a wrong call is an error, never a wild read."""
+    x = jnp.ones((1, 8), jnp.float32)
+    w = jnp.ones((1, 4, 9), jnp.bfloat16)  # contraction 9 != 8
+    for target in ("gemma_app_gemv", "gemma_app_gemm_bf16"):
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((1, 1, 4), jnp.float32))
+        with pytest.raises(Exception, match="contraction sizes"):
+            jax.block_until_ready(call(x, w, contract_last=True))
+    too_many = jax.ffi.ffi_call("gemma_app_gemv", jax.ShapeDtypeStruct((1, 5, 4), jnp.float32))
+    with pytest.raises(Exception, match="1 to 4 rows"):
+        jax.block_until_ready(too_many(jnp.ones((5, 9), jnp.float32), w, contract_last=True))

@@ -290,16 +290,27 @@ void Dispatch(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64
   }
 }
 
+struct Shapes {
+  int64_t M, K, G, N;
+};
+
+// x [M, K] with w [G, N, K] (contract_last) or [G, K, N].
+ffi::Error ReadShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                      bool contract_last, Shapes& s) {
+  if (xd.size() != 2 || wd.size() != 3)
+    return ffi::Error::InvalidArgument("x must be [M, K] and w [G, *, *]");
+  s = {xd[0], xd[1], wd[0], contract_last ? wd[1] : wd[2]};
+  if ((contract_last ? wd[2] : wd[1]) != s.K)
+    return ffi::Error::InvalidArgument("the contraction sizes of x and w differ");
+  return ffi::Error::Success();
+}
+
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                 ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3)
-    return ffi::Error::InvalidArgument("gemv: x must be [M, K] and w [G, *, *]");
-  const int64_t M = xd[0], K = xd[1], G = wd[0];
-  const int64_t N = contract_last ? wd[1] : wd[2];
-  if ((contract_last ? wd[2] : wd[1]) != K)
-    return ffi::Error::InvalidArgument("gemv: contraction sizes of x and w differ");
+  Shapes s;
+  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), contract_last, s); err.failure())
+    return err;
+  const int64_t M = s.M, K = s.K, G = s.G, N = s.N;
   if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("gemv: 1 to 4 rows of x");
   if (M * K == 0 || G * N == 0) return ffi::Error::Success();
   float* out = y->typed_data();
@@ -382,14 +393,10 @@ void GemmPanel(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N
 
 ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                     ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3)
-    return ffi::Error::InvalidArgument("gemm: x must be [M, K] and w [G, *, *]");
-  const int64_t M = xd[0], K = xd[1], G = wd[0];
-  const int64_t N = contract_last ? wd[1] : wd[2];
-  if ((contract_last ? wd[2] : wd[1]) != K)
-    return ffi::Error::InvalidArgument("gemm: contraction sizes of x and w differ");
+  Shapes s;
+  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), contract_last, s); err.failure())
+    return err;
+  const int64_t M = s.M, K = s.K, G = s.G, N = s.N;
   if (M * K == 0 || G * N == 0) return ffi::Error::Success();
   const float* xs = x.typed_data();
   const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.typed_data());

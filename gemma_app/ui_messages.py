@@ -402,6 +402,19 @@ def _device(params) -> str:
         return "unknown"
 
 
+def _kernels_text() -> str:
+    from gemma_app.kernels import build  # here: building them is a first-use cost
+
+    if build.load():
+        return "on (gemma_app/kernels: bf16 and fp32 weights at memory speed)"
+    why = (
+        "GEMMA_APP_KERNELS=0"
+        if not build.enabled()
+        else "no C++ compiler or a failed build: see the log"
+    )
+    return f"off ({why}): XLA's dots, much slower with bf16 weights"
+
+
 def model_card(engine, options, registry=None) -> str:
     """The model panel: family, size, dtypes, device, context, capabilities, session budget.
 
@@ -415,6 +428,7 @@ def model_card(engine, options, registry=None) -> str:
     config = engine.config
     kv = kv_cache_bytes(config, options.cache_length, engine.dtype)
     random = engine.is_demo and "random weights" not in engine.name
+    device = _device(engine.params)
     rows = [
         ("Model", f"`{engine.name}`" + (" (random weights)" if random else "")),
         ("Family", f"Gemma {config.family}"),
@@ -422,7 +436,8 @@ def model_card(engine, options, registry=None) -> str:
         ("Layers / heads", f"{config.num_layers} / {config.num_heads} (KV {config.num_kv_heads})"),
         ("Weights dtype", str(engine.param_dtype)),
         ("Compute dtype", getattr(engine.dtype, "__name__", str(engine.dtype))),
-        ("Device", _device(engine.params)),
+        ("Device", device),
+        *([("CPU kernels", _kernels_text())] if device == "cpu" else []),
         ("Context length", f"{options.cache_length:,} tokens"),
         ("Max answer", f"{options.max_out_length:,} tokens"),
         ("Reads", reads_text(engine)),

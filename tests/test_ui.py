@@ -188,6 +188,18 @@ def test_model_card_lists_what_the_panel_promises(demo_engine, gemma4_demo):
     assert "**Thinking mode:** yes" in card
 
 
+def test_model_card_says_whether_the_cpu_kernels_run(demo_engine, monkeypatch):
+    from gemma_app.kernels import build
+
+    card = ui.model_card(demo_engine, ui.ChatOptions())
+    expected = "**CPU kernels:** on" if build.load() else "**CPU kernels:** off"
+    assert expected in card
+    monkeypatch.setenv("GEMMA_APP_KERNELS", "0")
+    monkeypatch.setattr(build, "load", lambda: False)
+    card = ui.model_card(demo_engine, ui.ChatOptions())
+    assert "**CPU kernels:** off (GEMMA_APP_KERNELS=0)" in card
+
+
 def _component(demo, cls, **props):
     found = [
         c

@@ -213,6 +213,12 @@ def _logits(
     else:
         soft = _soft_tokens(name, raw=raw)
     mm = _mm_embeddings(config, segments, *soft)
+    return _run(config, params, tokens, mm, segments, splits)
+
+
+def _run(config, params, tokens, mm, segments, splits: tuple[int, ...]) -> np.ndarray:
+    """The decoder over the whole prompt: one uncached forward, or a cache filled in chunks
+    cut at `splits`. Returns logits [1, T, V]."""
     positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
     text = _text_params(params)
     if not splits:
@@ -411,16 +417,7 @@ def _two_logits(splits: tuple[int, ...] = (), *, hf_soft: bool = False) -> np.nd
         mm = _mm_embeddings_many(config, segments, images, clips)
     else:
         mm = _mm_embeddings_many(config, segments, *_two_soft_tokens())
-    positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
-    text = _text_params(params)
-    cache = init_cache(config, batch=1, cache_length=tokens.shape[1]) if splits else None
-    out = []
-    for chunk in np.split(np.arange(tokens.shape[1]), splits):
-        s = slice(chunk[0], chunk[-1] + 1)
-        logits, cache = _apply(config, text, tokens[:, s], positions[:, s], cache, mm[:, s],
-                               segments[:, s])  # fmt: skip
-        out.append(np.asarray(logits))
-    return np.concatenate(out, axis=1)
+    return _run(config, params, tokens, mm, segments, splits)
 
 
 def test_two_images_two_clips_layout_and_counts():

@@ -80,7 +80,21 @@ class _ChannelMachine:
         return "".join(self.parts[ANSWER])
 
 
-class ThoughtSplitter:
+class _Splitter:
+    """What both splitters expose: the thought and answer text received so far."""
+
+    _machine: _ChannelMachine
+
+    @property
+    def thought(self) -> str:
+        return self._machine.thought
+
+    @property
+    def answer(self) -> str:
+        return self._machine.answer
+
+
+class ThoughtSplitter(_Splitter):
     """Streams generated token ids into thought and answer text.
 
     Args:
@@ -122,16 +136,8 @@ class ThoughtSplitter:
         """True between `<|channel>` and `<channel|>`."""
         return self._machine.state != ANSWER
 
-    @property
-    def thought(self) -> str:
-        return self._machine.thought
 
-    @property
-    def answer(self) -> str:
-        return self._machine.answer
-
-
-class TextThoughtSplitter:
+class TextThoughtSplitter(_Splitter):
     """Streams text deltas into thought and answer text; markers may span deltas.
 
     A delta that ends with a proper prefix of a marker (e.g. "<|chan") is held back until the
@@ -160,14 +166,6 @@ class TextThoughtSplitter:
         """Releases a held-back partial marker as plain text."""
         text, self._pending = self._pending, ""
         return self._machine.text(text)
-
-    @property
-    def thought(self) -> str:
-        return self._machine.thought
-
-    @property
-    def answer(self) -> str:
-        return self._machine.answer
 
 
 def split_thoughts(text: str) -> tuple[str, str]:

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -34,58 +35,47 @@ _DTYPES = {
 }
 
 
-def default_compute_dtype() -> jnp.dtype:
-    """fp32 on CPU (XLA:CPU runs bf16 matmuls several times slower); bf16 on accelerators."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
-@dataclasses.dataclass(frozen=True)
-class DtypeChoice:
-    """How weights are stored and activations computed, and why (shown in the model panel)."""
-
-    param_dtype: jnp.dtype
-    compute_dtype: jnp.dtype
-    note: str = ""
-
-
 def compute_dtype_for(param_dtype) -> jnp.dtype:
     """fp32 math on CPU whatever the storage (gemma_app/kernels reads bf16 weights at memory
     speed; XLA:CPU's bf16 matmuls are several times slower); the storage dtype elsewhere."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(param_dtype)
 
 
+def default_compute_dtype() -> jnp.dtype:
+    """The compute dtype of released (bf16) weights here: fp32 on CPU, bf16 on accelerators."""
+    return compute_dtype_for(jnp.bfloat16)
+
+
+class DtypeChoice(typing.NamedTuple):
+    """How weights are stored and activations computed."""
+
+    param_dtype: jnp.dtype
+    compute_dtype: jnp.dtype
+
+
 def resolve_dtype(requested: str | None = None) -> DtypeChoice:
     """Maps a user's dtype request ("auto", "float32", "bfloat16") to storage + compute dtypes.
 
-    On CPU the math is always fp32. With the CPU kernels (gemma_app/kernels, built on first
-    use), bf16 storage is the fastest choice as well as the smallest: decode reads half the
-    bytes (Gemma 3 1B: 14.3 vs 7.9 tok/s, bench/RESULTS.md) and released checkpoints are bf16,
-    so nothing is rounded. "auto" picks it then; without the kernels XLA:CPU decodes bf16
-    weights ~20x slower, so "auto" is fp32 and an explicit bf16 request gets a loud note.
-    Accelerators: bf16 storage and math.
+    The math is fp32 on CPU and the storage dtype elsewhere (`compute_dtype_for`). "auto"
+    stores bf16, as checkpoints are released: on CPU the kernels (gemma_app/kernels, built on
+    first use) read it at memory speed, so decode moves half the bytes of fp32 (Gemma 3 1B:
+    13.9 vs 8.5 tok/s, bench/RESULTS.md). Without the kernels XLA:CPU decodes bf16 weights
+    ~20x slower, so "auto" is fp32 there and an explicit bf16 request gets a loud warning.
     """
     key = (requested or "auto").lower()
     if key != "auto" and key not in _DTYPES:
         raise ValueError(f"Unknown dtype {requested!r}: use auto, float32 or bfloat16")
-    if jax.default_backend() != "cpu":
-        dtype = jnp.bfloat16 if key == "auto" else _DTYPES[key]
-        return DtypeChoice(dtype, dtype)
-    fast_bf16 = kernels.build.load()
+    fast_bf16 = jax.default_backend() != "cpu" or kernels.build.load()
     if key == "auto":
-        if fast_bf16:
-            return DtypeChoice(jnp.bfloat16, jnp.float32, "bfloat16 weights, float32 math")
-        return DtypeChoice(jnp.float32, jnp.float32, "float32: fastest on CPU without kernels")
-    dtype = _DTYPES[key]
-    if dtype == jnp.float32:
-        return DtypeChoice(dtype, dtype)
-    if fast_bf16:
-        return DtypeChoice(dtype, jnp.float32, "bfloat16 weights, float32 math")
-    note = (
-        "bfloat16 weights on a CPU without the project's kernels (no C++ compiler?) decode many "
-        "times slower than float32; use --dtype float32 if the weights fit in RAM"
-    )
-    logging.getLogger(__name__).warning(note)
-    return DtypeChoice(dtype, jnp.float32, note)
+        store = jnp.bfloat16 if fast_bf16 else jnp.float32
+    else:
+        store = _DTYPES[key]
+        if store == jnp.bfloat16 and not fast_bf16:
+            logging.getLogger(__name__).warning(
+                "bfloat16 weights on a CPU without the project's kernels (no C++ compiler?) "
+                "decode many times slower than float32; use --dtype float32 if they fit in RAM"
+            )
+    return DtypeChoice(store, compute_dtype_for(store))
 
 
 @dataclasses.dataclass(frozen=True)

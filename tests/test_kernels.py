@@ -157,3 +157,20 @@ def test_ffi_targets_reject_mismatched_shapes():
     too_many = jax.ffi.ffi_call("gemma_app_gemv", jax.ShapeDtypeStruct((1, 5, 4), jnp.float32))
     with pytest.raises(Exception, match="1 to 4 rows"):
         jax.block_until_ready(too_many(jnp.ones((5, 9), jnp.float32), w, contract_last=True))
+
+
+def test_dtype_choice_on_cpu(monkeypatch, caplog):
+    """auto = bf16 weights with fp32 math when the kernels run; fp32 without them, and a bf16
+    request then warns. fp32 math on CPU in every case."""
+    from gemma_app.engine import resolve_dtype
+
+    assert resolve_dtype("auto") == (jnp.bfloat16, jnp.float32)
+    assert resolve_dtype("bfloat16") == (jnp.bfloat16, jnp.float32)
+    assert resolve_dtype("float32") == (jnp.float32, jnp.float32)
+    monkeypatch.setattr(build, "load", lambda: False)
+    assert resolve_dtype(None) == (jnp.float32, jnp.float32)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_dtype("bf16") == (jnp.bfloat16, jnp.float32)
+    assert "without the project's kernels" in caplog.text
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        resolve_dtype("int4")

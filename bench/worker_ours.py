@@ -44,10 +44,15 @@ import numpy as np  # noqa: E402
 totals = common.jax_compile_listener()
 compile_log = common.CompileLog.install()
 
-from gemma_app.engine import Engine, resolve_dtype  # noqa: E402
+from gemma_app.engine import Engine, resolve_dtype, scan_by_default  # noqa: E402
 from gemma_app.jax_utils import CompileCounter  # noqa: E402
 from gemma_app.nn import presets  # noqa: E402
-from gemma_app.nn.transformer import Transformer, abstract_params, init_params  # noqa: E402
+from gemma_app.nn.transformer import (  # noqa: E402
+    Transformer,
+    abstract_params,
+    init_params,
+    stack_layers,
+)
 from gemma_app.text.sampler import Sampler  # noqa: E402
 from gemma_app.text.template import ChatTemplate  # noqa: E402
 from gemma_app.text.tokenizer import Tokenizer  # noqa: E402
@@ -58,6 +63,10 @@ if args.dtype == "bf16":  # what the engine serves for a bf16 request: fp32 math
     compute = "fp32" if resolve_dtype("bfloat16").compute_dtype == jnp.float32 else "bf16"
 N, REPS = args.new_tokens, args.reps
 INIT = os.environ.get("BENCH_OURS_INIT", "leaf")  # "flax": gemma_app's init_params
+# "stacked": the layers stacked (one scanned layer body), as the engine serves them where the
+# kernels run; "unrolled": the official per-layer tree (one compiled body per layer), for A/B
+# runs. Default: what the engine would do (`scan_by_default`).
+LAYOUT = os.environ.get("BENCH_OURS_LAYOUT") or ("stacked" if scan_by_default() else "unrolled")
 med = common.median
 
 rec = common.Recorder(
@@ -68,6 +77,7 @@ rec = common.Recorder(
     store_dtype=store,
     compute_dtype=compute,
     init=INIT,
+    layout=LAYOUT,
     jax=jax.__version__,
     backend=jax.default_backend(),
     device_kind=jax.devices()[0].device_kind,
@@ -121,6 +131,8 @@ if INIT == "flax":
     params = init_params(cfg, seed=0, dtype=JNP[store])
 else:
     params = leafwise_random_params(cfg, JNP[store])
+if LAYOUT == "stacked":  # as the engine serves them; the per-layer arrays are freed
+    params = stack_layers(cfg, params, consume=True)
 jax.block_until_ready(params)
 leaves = jax.tree.leaves(params)
 rec.set(
@@ -137,7 +149,10 @@ rec.phase("chat")
 # A Gemma-3-shaped 262144-piece tokenizer, so every id the random model emits decodes.
 tok = Tokenizer(fake_tokenizer.ensure(), version=3)
 template = ChatTemplate(tok)
-engine = Engine(name=cfg.name, config=cfg, params=params, tokenizer=tok, dtype=JNP[compute])
+engine = Engine(
+    name=cfg.name, config=cfg, params=params, tokenizer=tok, dtype=JNP[compute],
+    scan_layers=LAYOUT == "stacked",
+)  # fmt: skip
 forbid = [tok.special.eos, tok.special.end_of_turn]
 chat = engine.new_chat(
     cache_length=args.cache_length, max_out_length=max(128, N), forbidden_tokens=forbid

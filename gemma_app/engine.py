@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from gemma_app import kernels
 from gemma_app.nn import audio, presets, vision, vision4
 from gemma_app.nn.config import TransformerConfig
-from gemma_app.nn.transformer import Transformer, init_params
+from gemma_app.nn.transformer import Transformer, init_params, stack_layers
 from gemma_app.text.chat import ChatSampler
 from gemma_app.text.tokenizer import Tokenizer
 
@@ -78,6 +78,16 @@ def resolve_dtype(requested: str | None = None) -> DtypeChoice:
     return DtypeChoice(store, compute_dtype_for(store))
 
 
+def scan_by_default() -> bool:
+    """Scan the layers where the kernels run (CPU): they read each layer of the stack in place.
+
+    XLA's dots would slice every layer's weights out of the stack into a copy per call, so
+    without the kernels (no compiler, `GEMMA_APP_KERNELS=0`) and on accelerators, where no
+    measurement says otherwise yet, the layers stay unrolled.
+    """
+    return jax.default_backend() == "cpu" and kernels.build.load()
+
+
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """A loaded model.
@@ -85,12 +95,17 @@ class Engine:
     Attributes:
       name: what the UI shows, e.g. "gemma3-1b-it" or "demo (random weights)".
       config: the decoder architecture.
-      params: the parameter tree (official nested layout).
+      params: the parameter tree: the official nested layout; with `scan_layers`, the decoder
+        layers of Gemma 1-3 stacked (`nn.transformer.stack_layers`, done here if the caller
+        has not).
       tokenizer: the matching tokenizer.
       dtype: compute dtype (activations and KV cache).
       is_demo: True for the built-in random-weight model: its answers are gibberish.
       supports_images / supports_audio: what the message box may accept. Left unset (None),
         each follows what was loaded: the config has the encoder and the params hold it.
+      scan_layers: run the decoder layers in a scan over stacked weights: one layer body is
+        compiled instead of one per layer (Gemma 3 1B: 26), at the same decode speed
+        (bench/RESULTS.md). None: `scan_by_default()`.
     """
 
     name: str
@@ -101,8 +116,13 @@ class Engine:
     is_demo: bool = False
     supports_images: bool | None = None
     supports_audio: bool | None = None
+    scan_layers: bool | None = None
 
     def __post_init__(self):
+        if self.scan_layers is None:
+            object.__setattr__(self, "scan_layers", scan_by_default())
+        if self.scan_layers:
+            object.__setattr__(self, "params", stack_layers(self.config, self.params))
         if self.supports_images is None:
             loaded = self.config.vision is not None and "vision_encoder" in self.params
             object.__setattr__(self, "supports_images", loaded)
@@ -165,7 +185,8 @@ def demo_engine(
 def _demo_gemma3(seed: int):
     tokenizer = Tokenizer(DEMO_TOKENIZERS[3], version=3)
     config = presets.tiny_demo_vision(num_embed=tokenizer.vocab_size)
-    params = dict(init_params(config, seed=seed, dtype=jnp.float32))
+    params = init_params(config, seed=seed)
+    params = stack_layers(config, params, consume=True) if scan_by_default() else dict(params)
     params["vision_encoder"] = vision.init_params(config.vision, seed=seed + 1)
     mm = vision.init_mm_embedder(config.vision, config.embed_dim, seed=seed + 2)
     params["embedder"] = {**params["embedder"], **mm}

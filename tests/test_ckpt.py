@@ -87,8 +87,9 @@ def fx(tmp_path_factory):
 
 
 def assert_params_equal(params, expected: dict[str, np.ndarray], dtype) -> None:
-    """`params` (our tree) holds exactly `expected` (flat) cast to `dtype`."""
-    flat = flatten_params(params)
+    """`params` (our tree; an engine's layers stacked) holds exactly `expected` (flat) cast to
+    `dtype`."""
+    flat = flatten_params(transformer.unstack_layers(params))
     assert flat.keys() == expected.keys()
     for path, value in expected.items():
         got = flat[path]

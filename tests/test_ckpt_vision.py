@@ -50,7 +50,7 @@ from gemma_app.ckpt.hf_map import (
 from gemma_app.ckpt.progress import format_bytes
 from gemma_app.engine import resolve_dtype
 from gemma_app.nn import presets, vision
-from gemma_app.nn.transformer import Transformer
+from gemma_app.nn.transformer import Transformer, unstack_layers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # ours vs transformers, float32
@@ -81,8 +81,9 @@ def fx(tmp_path_factory):
 
 
 def assert_loaded(params, written: dict[str, np.ndarray], dtype) -> None:
-    """`params` holds exactly `written`: text leaves as `dtype`, vision leaves as float32."""
-    flat = flatten_params(params)
+    """`params` holds exactly `written` (an engine's stacked layers unstacked): text leaves as
+    `dtype`, vision leaves as float32."""
+    flat = flatten_params(unstack_layers(params))
     assert flat.keys() == written.keys()
     for path, value in written.items():
         want = np.float32 if layouts.is_vision_path(path) else dtype

@@ -56,6 +56,37 @@ def test_leading_axes_and_ungrouped_weights():
     np.testing.assert_allclose(got[1], 2 * (x @ w2.astype(jnp.float32)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("last", [True, False], ids=["contract_last", "contract_first"])
+def test_layer_slices_read_the_stack_in_place(rows, dtype, last):
+    """A LayerSlice of a stacked weight gives the product with that layer, on the kernels and
+    on XLA's fallback (a GPU's path); a reshaped slice (heads merged) keeps its layer."""
+    rng = np.random.default_rng(rows)
+    stack = jnp.asarray(rng.standard_normal((3, 2, 24, 40), dtype=np.float32)).astype(dtype)
+    k = 40 if last else 24
+    x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
+    fn = kernels.contract_last if last else kernels.contract_first
+
+    @jax.jit
+    def products(x, stack, layer):
+        xla = kernels._xla(x, stack.reshape(6, 24, 40), layer, groups=2, last=last)
+        return fn(x, kernels.LayerSlice(stack, layer)), xla
+
+    for layer in range(3):
+        kernel, xla = products(x, stack, jnp.int32(layer))
+        want = _reference(x, stack[layer], last)
+        np.testing.assert_allclose(kernel, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(xla, want, rtol=1e-5, atol=1e-4)
+    if not last:  # [2, 24, 40] viewed as [48, 40]: the heads folded into the contraction
+        x48 = jnp.asarray(rng.standard_normal((rows, 48), dtype=np.float32))
+        got = jax.jit(lambda x, s: fn(x, kernels.LayerSlice(s, jnp.int32(2)).reshape(48, 40)))(
+            x48, stack
+        )
+        want = _reference(x48, stack[2].reshape(1, 48, 40), last)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def _lowered_text(cfg, params, rows):
     model = Transformer(cfg)
     cache = init_cache(cfg, batch=1, cache_length=CACHE_CHUNK)
@@ -65,16 +96,15 @@ def _lowered_text(cfg, params, rows):
 
 
 def test_decoder_uses_the_kernels_on_cpu():
-    """Decode steps call the GEMV; bf16 prefill chunks the GEMM; fp32 prefill stays XLA's."""
+    """Decode steps call the GEMV and prefill chunks the GEMM, for fp32 and bf16 weights."""
     cfg = presets.tiny_gemma3()
     p32 = init_params(cfg, seed=0)
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p32)
-    decode = _lowered_text(cfg, p16, rows=1)
-    assert "gemma_app_gemv" in decode and "gemma_app_gemm_bf16" not in decode
-    prefill16 = _lowered_text(cfg, p16, rows=32)
-    assert "gemma_app_gemm_bf16" in prefill16 and "gemma_app_gemv" not in prefill16
-    prefill32 = _lowered_text(cfg, p32, rows=32)
-    assert "gemma_app" not in prefill32
+    for params in (p16, p32):
+        decode = _lowered_text(cfg, params, rows=1)
+        assert "gemma_app_gemv" in decode and "gemma_app_gemm" not in decode
+        prefill = _lowered_text(cfg, params, rows=32)
+        assert "gemma_app_gemm" in prefill and "gemma_app_gemv" not in prefill
 
 
 @pytest.mark.parametrize("make_config", [presets.tiny_gemma2, presets.tiny_gemma4])
@@ -143,20 +173,26 @@ def test_bf16_activations_with_many_rows_use_xla():
     w = jnp.ones((16, 4), jnp.bfloat16)
     assert kernels._target(x, w[None]) is None
     assert kernels._target(x[:1], w[None]) == "gemma_app_gemv"
+    assert kernels._target(x.astype(jnp.float32), w[None]) == "gemma_app_gemm"
     np.testing.assert_allclose(kernels.contract_first(x, w).astype(jnp.float32), 16.0)
 
 
 def test_ffi_targets_reject_mismatched_shapes():
     """The library checks shapes itself: a wrong call is an error, never a wild read."""
     x = jnp.ones((1, 8), jnp.float32)
-    w = jnp.ones((1, 4, 9), jnp.bfloat16)  # contraction 9 != 8
-    for target in ("gemma_app_gemv", "gemma_app_gemm_bf16"):
+    w = jnp.ones((2, 4, 9), jnp.bfloat16)  # two layers of [4, 9]; contraction 9 != 8
+    layer = jnp.int32(0)
+    for target in ("gemma_app_gemv", "gemma_app_gemm"):
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((1, 1, 4), jnp.float32))
         with pytest.raises(Exception, match="contraction sizes"):
-            jax.block_until_ready(call(x, w, contract_last=True))
+            jax.block_until_ready(call(x, w, layer, contract_last=True))
+        x9 = jnp.ones((1, 9), jnp.float32)
+        for bad in (-1, 2):  # a layer outside the stack
+            with pytest.raises(Exception, match="layer index out of range"):
+                jax.block_until_ready(call(x9, w, jnp.int32(bad), contract_last=True))
     too_many = jax.ffi.ffi_call("gemma_app_gemv", jax.ShapeDtypeStruct((1, 5, 4), jnp.float32))
     with pytest.raises(Exception, match="1 to 4 rows"):
-        jax.block_until_ready(too_many(jnp.ones((5, 9), jnp.float32), w, contract_last=True))
+        jax.block_until_ready(too_many(jnp.ones((5, 9), jnp.float32), w, layer, contract_last=True))
 
 
 def test_dtype_choice_on_cpu(monkeypatch, caplog):

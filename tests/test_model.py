@@ -1,5 +1,7 @@
 """The decoder: parameter trees of every preset, golden RMSNorm/RoPE values, cache invariants."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,9 @@ from gemma_app.nn.transformer import (
     forward,
     init_cache,
     init_params,
+    is_stacked,
+    stack_layers,
+    unstack_layers,
 )
 
 # Measured with jax.eval_shape on google-deepmind/gemma (spec §1.1); Gemma 3 4B+ minus SigLIP.
@@ -121,17 +126,20 @@ def test_sliding_window_mask_literal():
 TINY = [presets.tiny_gemma1_mqa, presets.tiny_gemma1_mha, presets.tiny_gemma2, presets.tiny_gemma3]
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "stacked"])
 @pytest.mark.parametrize("make_config", TINY, ids=lambda f: f.__name__)
-def test_cached_prefill_and_decode_equal_full_forward(make_config):
-    """Prefill in two chunks, then decode token by token == one uncached forward."""
+def test_cached_prefill_and_decode_equal_full_forward(make_config, stacked):
+    """Prefill in two chunks, then decode token by token == one uncached forward (of the
+    official tree: the scanned decoder over stacked layers must give the same logits)."""
     cfg = make_config()
-    params = init_params(cfg, seed=1)
+    official = init_params(cfg, seed=1)
+    params = stack_layers(cfg, official) if stacked else official
     length = CACHE_CHUNK + 40  # crosses a cache chunk; windows (4) are far smaller
     tokens = jax.random.randint(jax.random.key(0), (2, length), 0, cfg.num_embed)
-    full = forward(cfg, params, tokens)
+    full = forward(cfg, official, tokens)
     model = Transformer(cfg)
     apply = jax.jit(model.apply)
-    cache = init_cache(cfg, batch=2, cache_length=2 * CACHE_CHUNK)
+    cache = init_cache(cfg, batch=2, cache_length=2 * CACHE_CHUNK, stacked=stacked)
     pos = jnp.broadcast_to(jnp.arange(length), (2, length))
     split, prefill_end = 100, length - 10
     logits_a, cache = apply({"params": params}, tokens[:, :split], pos[:, :split], cache)
@@ -143,6 +151,64 @@ def test_cached_prefill_and_decode_equal_full_forward(make_config):
         step, cache = apply({"params": params}, tokens[:, t : t + 1], pos[:, t : t + 1], cache)
         cached.append(step)
     np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_config", TINY, ids=lambda f: f.__name__)
+def test_stacked_layers_give_the_unrolled_logits(make_config):
+    """Same weights, two layouts: the scan reproduces the unrolled decoder bit for bit, and
+    unstacking gives the official tree back."""
+    cfg = make_config()
+    official = init_params(cfg, seed=2)
+    stacked = stack_layers(cfg, official)
+    assert is_stacked(stacked) and not any(k.startswith("layer_") for k in stacked)
+    assert stack_layers(cfg, stacked) is stacked
+    layer0 = flatten_dict(official["layer_0"], sep="/")
+    layers = flatten_dict(stacked["layers"], sep="/")
+    assert layers.keys() == layer0.keys()
+    for path, leaf in layers.items():
+        assert leaf.shape == (cfg.num_layers, *layer0[path].shape), path
+    tokens = jax.random.randint(jax.random.key(1), (2, 30), 0, cfg.num_embed)
+    np.testing.assert_array_equal(forward(cfg, stacked, tokens), forward(cfg, official, tokens))
+    back = flatten_dict(unstack_layers(stacked), sep="/")
+    want = flatten_dict(official, sep="/")
+    assert back.keys() == want.keys()
+    for key, leaf in want.items():
+        np.testing.assert_array_equal(back[key], leaf, err_msg=key)
+
+
+def test_stacking_can_free_the_per_layer_arrays():
+    """consume=True frees each layer's arrays once stacked (peak: params + one stack)."""
+    cfg = presets.tiny_gemma3()
+    official = init_params(cfg, seed=0)
+    layer0 = jax.tree.leaves(official["layer_0"])
+    embed = official["embedder"]["input_embedding"]
+    stacked = stack_layers(cfg, official, consume=True)
+    assert all(a.is_deleted() for a in layer0)
+    assert stacked["embedder"]["input_embedding"] is embed and not embed.is_deleted()
+    gemma4 = presets.tiny_gemma4()
+    p4 = init_params(gemma4, seed=0)
+    assert stack_layers(gemma4, p4) is p4  # per-layer shapes differ: stays unrolled
+
+
+def test_scanned_decoder_compiles_one_layer_body():
+    """The decode step over stacked layers lowers as many weight products as a one-layer model
+    (the body is traced once and looped), where the unrolled one has one set per layer."""
+    cfg = presets.tiny_gemma3()
+    one_layer = dataclasses.replace(cfg, attention_types=cfg.attention_types[:1])
+
+    def products(config, stacked):
+        params = init_params(config, seed=0)
+        params = stack_layers(config, params) if stacked else params
+        cache = init_cache(config, batch=1, cache_length=CACHE_CHUNK, stacked=stacked)
+        token = jnp.zeros((1, 1), jnp.int32)
+        fn = jax.jit(lambda p, t, c: Transformer(config).apply({"params": p}, t, t, c))
+        text = fn.lower(params, token, cache).as_text()
+        return text.count("gemma_app_gemv") + text.count("dot_general"), text
+
+    scanned, text = products(cfg, stacked=True)
+    assert "stablehlo.while" in text
+    assert scanned == products(one_layer, stacked=False)[0]
+    assert products(cfg, stacked=False)[0] > scanned + cfg.num_layers - 2
 
 
 def test_logits_at_selects_one_position():
@@ -173,9 +239,11 @@ def test_right_padded_rows_do_not_leak():
     np.testing.assert_allclose(logits[1], alone[0, -1], atol=2e-5)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["layer_cache", "stacked_cache"])
 @pytest.mark.parametrize("window", [None, 20])
-def test_decode_reads_only_the_used_cache_chunks(window):
-    """NaN in every chunk a step must not touch: a read would poison the output."""
+def test_decode_reads_only_the_used_cache_chunks(window, stacked):
+    """NaN in every chunk a step must not touch: a read would poison the output. Stacked:
+    the other layers' caches are all NaN too."""
     from gemma_app.nn.attention import chunked_attention
 
     b, k_heads, g, h, slots = 1, 1, 2, 8, 8 * CACHE_CHUNK
@@ -191,9 +259,11 @@ def test_decode_reads_only_the_used_cache_chunks(window):
     q = jnp.asarray(rng.standard_normal((b, 1, k_heads, g, h)), jnp.float32)
     # Masked-but-read slots would still poison the sum (0 * nan), so zero the in-chunk future:
     k[:, pos + 1 : 4 * CACHE_CHUNK] = v[:, pos + 1 : 4 * CACHE_CHUNK] = 0.0
-    out = chunked_attention(
-        q, jnp.asarray(k), jnp.asarray(v), jnp.array([[pos]]), window=window, cap=None
-    )
+    kc, vc, layer = jnp.asarray(k), jnp.asarray(v), None
+    if stacked:  # layer 1 of three; layers 0 and 2 are NaN everywhere
+        nan = jnp.full_like(kc, jnp.nan)
+        kc, vc, layer = jnp.stack([nan, kc, nan]), jnp.stack([nan, vc, nan]), jnp.int32(1)
+    out = chunked_attention(q, kc, vc, jnp.array([[pos]]), window=window, cap=None, layer=layer)
     assert np.isfinite(np.asarray(out)).all()
     keys = np.arange(slots)
     seen = (keys <= pos) & ((keys > pos - window) if window else True)

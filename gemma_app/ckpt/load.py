@@ -44,9 +44,10 @@ from gemma_app.ckpt.errors import (
 )
 from gemma_app.ckpt.hf_map import flatten_params, param_shapes, unflatten_params
 from gemma_app.ckpt.progress import Progress, ProgressFn
-from gemma_app.engine import Engine, compute_dtype_for, resolve_dtype
+from gemma_app.engine import Engine, compute_dtype_for, resolve_dtype, scan_by_default
 from gemma_app.nn import presets
 from gemma_app.nn.config import TransformerConfig
+from gemma_app.nn.transformer import stack_layers
 from gemma_app.text.tokenizer import Tokenizer
 
 DTYPES = {
@@ -440,7 +441,8 @@ def _engine(
     return Engine(
         name=name,
         config=config,
-        params=params,
+        # The restored leaves are ours: stacking frees each layer's arrays as it goes.
+        params=stack_layers(config, params, consume=True) if scan_by_default() else params,
         tokenizer=tokenizer,
         dtype=compute,
         supports_images=images,

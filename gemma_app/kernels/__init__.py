@@ -6,18 +6,23 @@ the engine takes (heads and MLP gates are a leading batch axis G of the weight):
   contract_last:  x [..., K], w [G?, N, K] -> [G?, ..., N]   (embedding logits, Gemma 3 gates)
   contract_first: x [..., K], w [G?, K, N] -> [G?, ..., N]   (q/k/v heads, output, MLP linear)
 
-On a CPU they run `gemv.cc` through the XLA FFI, fp32 math whatever the weights' storage:
-  - at most `MAX_ROWS` rows of x (a decode step): fp32 or bf16 weights read once at memory
-    speed (XLA:CPU's own GEMV runs bf16 weights at ~1.5 GB/s);
-  - more rows (prefill chunks) with bf16 weights: a GEMM that widens panels of w in cache
-    (XLA would need an fp32 copy of every weight per chunk).
-Otherwise (fp32 prefill, GPUs, `GEMMA_APP_KERNELS=0`, no compiler) they are XLA dots on the
-weights cast to x's dtype. Both paths give the same numbers up to fp32 summation order
+`w` may also be a `LayerSlice`: one layer of a weight stacked over the decoder's layers, as
+the scanned decoder (nn/transformer.py) hands them out. The kernels read that layer in place.
+
+On a CPU with fp32 activations they run `gemv.cc` through the XLA FFI, fp32 math whatever the
+weights' storage (fp32 or bf16):
+  - at most `MAX_ROWS` rows of x (a decode step): weights read once at memory speed (XLA:CPU's
+    own GEMV runs bf16 weights at ~1.5 GB/s);
+  - more rows (prefill chunks): a GEMM that widens panels of w in cache (XLA would need an
+    fp32 copy of every bf16 weight per chunk, and a sliced copy of every stacked layer).
+Otherwise (GPUs, bf16 activations, `GEMMA_APP_KERNELS=0`, no compiler) they are XLA dots on
+the weights cast to x's dtype. Both paths give the same numbers up to fp32 summation order
 (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,52 +33,95 @@ from gemma_app.kernels import build
 MAX_ROWS = 4  # rows of x (batch x tokens) the GEMV takes: a decode step, not a prefill chunk
 
 
-def contract_last(x: jax.Array, w: jax.Array) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """Layer `layer` (a traced int32 scalar) of a weight stacked over layers, [L, *shape].
+
+    Quacks like the sliced array where a module looks at it (`shape`, `dtype`, `ndim`,
+    `reshape`). The products below read it in place; anything else takes `value()`, a copy.
+    Not a pytree: it only lives inside one trace.
+    """
+
+    stacked: jax.Array
+    layer: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stacked.shape[1:]
+
+    @property
+    def ndim(self) -> int:
+        return self.stacked.ndim - 1
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.stacked.dtype
+
+    def reshape(self, *shape) -> LayerSlice:
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        return LayerSlice(self.stacked.reshape(self.stacked.shape[0], *shape), self.layer)
+
+    def value(self) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(self.stacked, self.layer, keepdims=False)
+
+    def astype(self, dtype) -> jax.Array:
+        return self.value().astype(dtype)
+
+
+def contract_last(x: jax.Array, w: jax.Array | LayerSlice) -> jax.Array:
     """x [..., K] @ w[..., N, K]^T: [..., K], [N, K] -> [..., N]; [G, N, K] -> [G, ..., N]."""
     return _product(x, w, last=True)
 
 
-def contract_first(x: jax.Array, w: jax.Array) -> jax.Array:
+def contract_first(x: jax.Array, w: jax.Array | LayerSlice) -> jax.Array:
     """x [..., K] @ w: [..., K], [K, N] -> [..., N]; [G, K, N] -> [G, ..., N]."""
     return _product(x, w, last=False)
 
 
-def _product(x: jax.Array, w: jax.Array, *, last: bool) -> jax.Array:
-    grouped = w.ndim == 3
-    w3 = w if grouped else w[None]  # [G, N, K] or [G, K, N]
+def _product(x: jax.Array, w: jax.Array | LayerSlice, *, last: bool) -> jax.Array:
+    groups = w.shape[0] if w.ndim == 3 else 1
+    if isinstance(w, LayerSlice):  # [L, G?, a, b] -> [L * G, a, b]: merging major axes is free
+        stack, layer = w.stacked.reshape(-1, *w.shape[-2:]), w.layer.astype(jnp.int32)
+    else:
+        stack, layer = w.reshape(-1, *w.shape[-2:]), jnp.zeros((), jnp.int32)  # [G, a, b]
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    target = _target(x2, w3)
+    target = _target(x2, stack)
+    xla = functools.partial(_xla, groups=groups, last=last)
     if target is None:
-        y = _xla(x2, w3, last)
+        y = xla(x2, stack, layer)
     else:
-        cpu = functools.partial(_kernel, target=target, last=last)
-        y = jax.lax.platform_dependent(x2, w3, cpu=cpu, default=functools.partial(_xla, last=last))
-    y = y.reshape(w3.shape[0], *lead, -1)  # [G, ..., N]
-    return y if grouped else y[0]
+        cpu = functools.partial(_kernel, target=target, groups=groups, last=last)
+        y = jax.lax.platform_dependent(x2, stack, layer, cpu=cpu, default=xla)
+    y = y.reshape(groups, *lead, -1)  # [G, ..., N]
+    return y if w.ndim == 3 else y[0]
 
 
-def _target(x2: jax.Array, w3: jax.Array) -> str | None:
+def _target(x2: jax.Array, stack: jax.Array) -> str | None:
     """The FFI target for this product on CPU, or None for XLA's dot everywhere."""
-    if x2.shape[0] <= MAX_ROWS and w3.dtype in (jnp.float32, jnp.bfloat16):
-        target = "gemma_app_gemv"
-    elif w3.dtype == jnp.bfloat16 and x2.dtype == jnp.float32:
-        target = "gemma_app_gemm_bf16"
-    else:
+    if x2.dtype != jnp.float32 and x2.shape[0] > MAX_ROWS:
+        return None  # bf16 activations: prefill keeps the reference's bf16 numerics
+    if stack.dtype not in (jnp.float32, jnp.bfloat16):
         return None
+    target = "gemma_app_gemv" if x2.shape[0] <= MAX_ROWS else "gemma_app_gemm"
     return target if build.load() else None
 
 
-def _xla(x2: jax.Array, w3: jax.Array, last: bool) -> jax.Array:
+def _xla(x2: jax.Array, stack: jax.Array, layer: jax.Array, *, groups: int, last: bool):
+    """stack [L * G, a, b]: layer `layer`'s [G, a, b] times x2 [M, K] -> [G, M, N]."""
+    if stack.shape[0] == groups:
+        w3 = stack
+    else:
+        w3 = jax.lax.dynamic_slice_in_dim(stack, layer * groups, groups, axis=0)
     # G as a batch axis of both operands: XLA:CPU then reads w in place, where a plain einsum
     # would transpose it (a full weight copy per call) whenever G > 1.
-    xb = jnp.broadcast_to(x2, (w3.shape[0], *x2.shape))  # [G, M, K]
+    xb = jnp.broadcast_to(x2, (groups, *x2.shape))  # [G, M, K]
     dims = (((2,), (2 if last else 1,)), ((0,), (0,)))
     return jax.lax.dot_general(xb, w3.astype(x2.dtype), dims)  # [G, M, N]
 
 
-def _kernel(x2: jax.Array, w3: jax.Array, *, target: str, last: bool) -> jax.Array:
-    g, a, b = w3.shape
-    out = jax.ShapeDtypeStruct((g, x2.shape[0], a if last else b), jnp.float32)
-    y = jax.ffi.ffi_call(target, out)(x2.astype(jnp.float32), w3, contract_last=last)
+def _kernel(x2, stack, layer, *, target: str, groups: int, last: bool) -> jax.Array:
+    _, a, b = stack.shape
+    out = jax.ShapeDtypeStruct((groups, x2.shape[0], a if last else b), jnp.float32)
+    y = jax.ffi.ffi_call(target, out)(x2.astype(jnp.float32), stack, layer, contract_last=last)
     return y.astype(x2.dtype)

@@ -25,7 +25,7 @@ import jaxlib
 SOURCE = pathlib.Path(__file__).with_name("gemv.cc")
 TARGETS = {
     "gemma_app_gemv": "GemmaAppGemv",
-    "gemma_app_gemm_bf16": "GemmaAppGemmBf16",
+    "gemma_app_gemm": "GemmaAppGemm",
 }
 _LOG = logging.getLogger(__name__)
 

@@ -1,10 +1,15 @@
 // The decoder's weight products on CPU, fp32 math on fp32 or bf16 weights:
 //
-//   contract_last:  y[g, m, n] = sum_k x[m, k] * w[g, n, k]     (w [G, N, K])
-//   contract_first: y[g, m, n] = sum_k x[m, k] * w[g, k, n]     (w [G, K, N])
+//   contract_last:  y[g, m, n] = sum_k x[m, k] * w[l * G + g, n, k]     (w [L * G, N, K])
+//   contract_first: y[g, m, n] = sum_k x[m, k] * w[l * G + g, k, n]     (w [L * G, K, N])
 //
-// GemmaAppGemv: M <= 4 rows (decode steps), fp32 or bf16 weights.
-// GemmaAppGemmBf16: any M (prefill chunks) with bf16 weights; fp32 weights use XLA's GEMM.
+// L stacks the decoder's layers (the scanned decoder passes every layer's weights at once) and
+// l, an int32 scalar operand, picks one: the layer is read in place, never sliced into a copy.
+// G comes from y [G, M, N]; unstacked weights are [G, *, *] with l = 0. (Layers and groups
+// share w's leading axis because a separate unit axis can make XLA copy the whole stack into
+// another layout on every call.)
+//
+// GemmaAppGemv: M <= 4 rows (decode steps). GemmaAppGemm: any M (prefill chunks).
 //
 // A decode step reads every weight once, so it runs at the speed memory delivers them. XLA:CPU
 // reaches ~35 GB/s on an fp32 GEMV here and ~1.5 GB/s on a bf16 one (bench/README.md); these
@@ -292,23 +297,31 @@ void Dispatch(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64
 
 struct Shapes {
   int64_t M, K, G, N;
+  int64_t offset;  // elements of w before layer l
 };
 
-// x [M, K] with w [G, N, K] (contract_last) or [G, K, N].
+// x [M, K], w [L * G, N, K] (contract_last) or [L * G, K, N], y [G, M, N], l in [0, L).
 ffi::Error ReadShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                      ffi::Span<const int64_t> yd, ffi::Buffer<ffi::S32> layer,
                       bool contract_last, Shapes& s) {
-  if (xd.size() != 2 || wd.size() != 3)
-    return ffi::Error::InvalidArgument("x must be [M, K] and w [G, *, *]");
-  s = {xd[0], xd[1], wd[0], contract_last ? wd[1] : wd[2]};
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 3 || layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("x must be [M, K], w [L * G, *, *], y [G, M, N], layer a scalar");
+  s = {xd[0], xd[1], yd[0], contract_last ? wd[1] : wd[2], 0};
   if ((contract_last ? wd[2] : wd[1]) != s.K)
     return ffi::Error::InvalidArgument("the contraction sizes of x and w differ");
+  if (yd[1] != s.M || yd[2] != s.N || s.G < 1 || wd[0] % s.G != 0)
+    return ffi::Error::InvalidArgument("y must be [G, M, N] with G dividing w's leading axis");
+  const int64_t l = *layer.typed_data();
+  if (l < 0 || l >= wd[0] / s.G) return ffi::Error::InvalidArgument("layer index out of range");
+  s.offset = l * s.G * s.N * s.K;
   return ffi::Error::Success();
 }
 
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
   Shapes s;
-  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), contract_last, s); err.failure())
+  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer, contract_last, s);
+      err.failure())
     return err;
   const int64_t M = s.M, K = s.K, G = s.G, N = s.N;
   if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("gemv: 1 to 4 rows of x");
@@ -316,12 +329,12 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   float* out = y->typed_data();
   switch (w.element_type()) {
     case ffi::DataType::F32:
-      Dispatch(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), out, M, G, N, K,
-               contract_last);
+      Dispatch(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()) + s.offset, out,
+               M, G, N, K, contract_last);
       break;
     case ffi::DataType::BF16:
-      Dispatch(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), out, M, G, N,
-               K, contract_last);
+      Dispatch(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()) + s.offset,
+               out, M, G, N, K, contract_last);
       break;
     default:
       return ffi::Error::InvalidArgument("gemv: weights must be float32 or bfloat16");
@@ -329,28 +342,34 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
-// Prefill products with bf16 weights: y[g, m, n] for any M, without an fp32 copy of w.
-// For each 32-output panel of w, the whole contraction is widened (and for contract_last
-// transposed) once into a thread-local fp32 panel [K][32], which then feeds every 6-row tile
-// of x: 12 accumulator registers, two panel loads and six broadcasts per k. A materialised
-// fp32 weight would cost more than the product here: fresh 64 MB buffers page-fault at
-// ~5 GB/s.
+// Prefill products: y[g, m, n] for any M, without an fp32 copy of w. For each 32-output
+// panel of w, the whole contraction is widened from bf16 (or copied from fp32; for
+// contract_last also transposed) once into a thread-local fp32 panel [K][32], which then feeds
+// every 6-row tile of x: 12 accumulator registers, two panel loads and six broadcasts per k.
+// A materialised fp32 weight would cost more than the product here: fresh 64 MB buffers
+// page-fault at ~5 GB/s. (Dot products along K against w's rows, which skip the transpose,
+// measured slower: 14 vs 16 ms fp32 and 37 vs 15 ms bf16 on Gemma 3 1B's gates, 100 rows.)
 constexpr int kMR = 6;
 constexpr int64_t kNR = 32;
 
-template <bool kLast>
-void PackPanel(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
+template <bool kLast, typename W>
+void PackPanel(const W* __restrict w, int64_t K, int64_t N, int64_t n0,
                float* __restrict panel) {
   const int64_t nr = std::min<int64_t>(kNR, N - n0);
-  if (kLast) {  // w [N, K]: read each output's row, write a column of the panel
-    for (int64_t j = 0; j < kNR; ++j) {
-      const uint16_t* src = w + (n0 + std::min(j, nr - 1)) * K;
-      const bool pad = j >= nr;
-      for (int64_t k = 0; k < K; ++k) panel[k * kNR + j] = pad ? 0.f : Widen(src[k]);
+  if (kLast) {  // w [N, K]: each output's row becomes a column of the panel
+    // In blocks of 64 k, so the 8 KB of panel being written stays in L1 across the 32 rows.
+    constexpr int64_t kKB = 64;
+    for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+      const int64_t k1 = std::min(K, k0 + kKB);
+      for (int64_t j = 0; j < kNR; ++j) {
+        const W* src = w + (n0 + std::min(j, nr - 1)) * K;
+        const bool pad = j >= nr;
+        for (int64_t k = k0; k < k1; ++k) panel[k * kNR + j] = pad ? 0.f : Widen(src[k]);
+      }
     }
   } else {  // w [K, N]: the panel's rows are slices of w's rows
     for (int64_t k = 0; k < K; ++k) {
-      const uint16_t* src = w + k * N + n0;
+      const W* src = w + k * N + n0;
       for (int64_t j = 0; j < kNR; ++j) panel[k * kNR + j] = j < nr ? Widen(src[j]) : 0.f;
     }
   }
@@ -378,8 +397,8 @@ void Tile(const float* __restrict x, int64_t K, int rows, const float* __restric
   }
 }
 
-template <bool kLast>
-void GemmPanel(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K,
+template <bool kLast, typename W>
+void GemmPanel(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K,
                int64_t n0) {
   thread_local std::vector<float> panel;
   if (static_cast<int64_t>(panel.size()) < K * kNR) panel.resize(K * kNR);
@@ -391,23 +410,17 @@ void GemmPanel(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N
   }
 }
 
-ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                    ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
-  Shapes s;
-  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), contract_last, s); err.failure())
-    return err;
+template <typename W>
+void GemmAll(ffi::ThreadPool& pool, const float* xs, const W* ws, float* ys, const Shapes& s,
+             bool contract_last) {
   const int64_t M = s.M, K = s.K, G = s.G, N = s.N;
-  if (M * K == 0 || G * N == 0) return ffi::Error::Success();
-  const float* xs = x.typed_data();
-  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
-  float* ys = y->typed_data();
   const int64_t panels = (N + kNR - 1) / kNR;
   auto job = std::make_shared<Job>();
   job->units = G * panels;
   auto work = [job, xs, ws, ys, M, N, K, panels, contract_last]() {
     for (int64_t u; (u = job->next.fetch_add(1)) < job->units;) {
       const int64_t g = u / panels, n0 = (u % panels) * kNR;
-      const uint16_t* wg = ws + g * N * K;
+      const W* wg = ws + g * N * K;
       float* yg = ys + g * M * N;
       if (contract_last) GemmPanel<true>(xs, wg, yg, M, N, K, n0);
       else GemmPanel<false>(xs, wg, yg, M, N, K, n0);
@@ -421,6 +434,27 @@ ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     });
   work();
   while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
+}
+
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
+  Shapes s;
+  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer, contract_last, s);
+      err.failure())
+    return err;
+  if (s.M * s.K == 0 || s.G * s.N == 0) return ffi::Error::Success();
+  switch (w.element_type()) {
+    case ffi::DataType::F32:
+      GemmAll(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()) + s.offset,
+              y->typed_data(), s, contract_last);
+      break;
+    case ffi::DataType::BF16:
+      GemmAll(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()) + s.offset,
+              y->typed_data(), s, contract_last);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("gemm: weights must be float32 or bfloat16");
+  }
   return ffi::Error::Success();
 }
 
@@ -431,13 +465,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemv, Gemv,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contract_last"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemmBf16, GemmBf16,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemm, Gemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contract_last"));

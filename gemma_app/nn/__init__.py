@@ -8,6 +8,8 @@ from gemma_app.nn.transformer import (
     forward,
     init_cache,
     init_params,
+    stack_layers,
+    unstack_layers,
 )
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "get_preset",
     "init_cache",
     "init_params",
+    "stack_layers",
+    "unstack_layers",
 ]

@@ -4,7 +4,9 @@ Einsum axis letters used throughout the engine:
   B batch, T query positions, S key/cache positions, D model width, N query heads,
   K key/value heads, G query heads per KV head (N = K * G), H head width, C chunk of S.
 
-The KV cache is plain data: per layer `{"k": [B, S, K, H], "v": [B, S, K, H]}`. Slot == position:
+The KV cache is plain data: per layer `{"k": [B, S, K, H], "v": [B, S, K, H]}`, or for the
+scanned decoder one `{"k": [L, B, S, K, H], ...}` for all layers, indexed by a traced `layer`.
+Slot == position:
 row b stores the token at position p in slot p, so causality, validity and the sliding window
 are all read off slot indices and no positions array has to be carried between turns. A cache
 attends in chunks of `CACHE_CHUNK` slots and stops at the last used chunk, so a decode step
@@ -23,6 +25,7 @@ from gemma_app.nn.rope import apply_rope
 
 CACHE_CHUNK = 256  # key slots per step of the chunked attention loop
 _NEG = -1e30  # finite, so a fully masked chunk never produces inf - inf = nan
+NO_WINDOW = 1 << 30  # the "window" of a global layer when windows are data (scanned decoder)
 
 LayerCache = dict[str, jax.Array]
 
@@ -65,6 +68,40 @@ def attention_mask(
     return mask
 
 
+def layer_constants(
+    config: TransformerConfig, attn_type: AttentionType | None, layer: jax.Array | None
+) -> tuple:
+    """(sliding window or None, RoPE base, RoPE scale) of one layer.
+
+    Python numbers from a static `attn_type`; with `attn_type=None` (the scanned decoder, one
+    compiled body for every layer) arrays picked by the traced `layer` index instead.
+    """
+    local = AttentionType.LOCAL_SLIDING
+    if attn_type is not None:
+        base, scale = config.rope_base_and_scale(attn_type)
+        return (config.sliding_window_size if attn_type == local else None), base, scale
+    types = config.attention_types
+    is_local = jnp.asarray([t == local for t in types])[layer]
+    (lb, ls), (gb, gs) = map(config.rope_base_and_scale, (local, AttentionType.GLOBAL))
+    base = jnp.where(is_local, jnp.float32(lb), jnp.float32(gb))
+    scale = jnp.where(is_local, jnp.float32(ls), jnp.float32(gs))
+    window = None
+    if local in types:
+        window = jnp.where(is_local, config.sliding_window_size, NO_WINDOW)
+    return window, base, scale
+
+
+def _cache_chunk(cache: jax.Array, start, layer: jax.Array | None) -> jax.Array:
+    """Slots [start, start + CACHE_CHUNK) of a [B, S, K, H] cache or of layer `layer` of a
+    stacked [L, B, S, K, H] one (read in place, never a copy of the layer)."""
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(cache, start, CACHE_CHUNK, axis=1)
+    _, b, _, k, h = cache.shape
+    zero = jnp.zeros((), jnp.int32)
+    starts = (layer.astype(jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
+    return jax.lax.dynamic_slice(cache, starts, (1, b, CACHE_CHUNK, k, h))[0]
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
@@ -85,16 +122,17 @@ def dense_attention(q, k, v, q_pos, k_pos, *, window, cap, segments=None) -> jax
 
 
 def chunked_attention(
-    q, k_cache, v_cache, q_pos, *, window, cap, q_seg=None, seg_cache=None
+    q, k_cache, v_cache, q_pos, *, window, cap, q_seg=None, seg_cache=None, layer=None
 ) -> jax.Array:
     """Attention of queries at `q_pos` over the used chunks of the cache (online softmax).
 
     The loop bounds are data (the largest query position, and the window on local layers), so
     one compiled step serves every cache fill level. `seg_cache` [B, S] holds the image block
-    of each slot (multimodal models only). Returns [B, T, K, G, H].
+    of each slot (multimodal models only). With `layer`, the caches are stacked [L, B, S, K, H]
+    and that layer is read. Returns [B, T, K, G, H].
     """
     b, t, k_heads, g, h = q.shape
-    cache_len = k_cache.shape[1]
+    cache_len = k_cache.shape[-3]
     hi = jnp.minimum(jnp.max(q_pos) + 1, cache_len)  # one past the last slot any query sees
     lo = 0 if window is None else jnp.maximum(jnp.min(q_pos) - window + 1, 0)
     first, last = lo // CACHE_CHUNK, (hi + CACHE_CHUNK - 1) // CACHE_CHUNK
@@ -103,8 +141,8 @@ def chunked_attention(
     def body(c, carry):
         m, denom, acc = carry
         start = c * CACHE_CHUNK
-        k = jax.lax.dynamic_slice_in_dim(k_cache, start, CACHE_CHUNK, axis=1)  # [B, C, K, H]
-        v = jax.lax.dynamic_slice_in_dim(v_cache, start, CACHE_CHUNK, axis=1)
+        k = _cache_chunk(k_cache, start, layer)  # [B, C, K, H]
+        v = _cache_chunk(v_cache, start, layer)
         k_pos = (start + jnp.arange(CACHE_CHUNK))[None, :]  # slot == position
         k_seg = None
         if q_seg is not None:
@@ -134,20 +172,30 @@ def chunked_attention(
     return (acc / jnp.maximum(denom, 1e-30)[..., None]).astype(v_cache.dtype)
 
 
-def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
-    """Writes k/v [B, T, K, H] at slots `positions` [B, T]; slots past the end are dropped."""
+def write_cache(
+    cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, layer=None
+) -> LayerCache:
+    """Writes k/v [B, T, K, H] at slots `positions` [B, T]; slots past the end are dropped.
+
+    With `layer`, the cache is stacked [L, B, S, K, H] and only that layer is written.
+    """
     rows = jnp.arange(k.shape[0])[:, None]
+    index = (rows, positions) if layer is None else (layer, rows, positions)
     return {
-        "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
-        "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"),
+        "k": cache["k"].at[index].set(k.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[index].set(v.astype(cache["v"].dtype), mode="drop"),
     }
 
 
 class Attention(nn.Module):
-    """Multi-head attention with the official parameter names (`q_einsum`, `kv_einsum`, ...)."""
+    """Multi-head attention with the official parameter names (`q_einsum`, `kv_einsum`, ...).
+
+    `attn_type=None`: the layer's type is data, read from the traced `layer` index of the call
+    (the scanned decoder), and the cache is the stacked one of every layer.
+    """
 
     config: TransformerConfig
-    attn_type: AttentionType
+    attn_type: AttentionType | None
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -158,11 +206,13 @@ class Attention(nn.Module):
         cache: LayerCache | None,
         segments: jax.Array | None = None,
         seg_cache: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[LayerCache | None, jax.Array]:
         """x [B, T, D], positions [B, T] -> (updated cache, [B, T, D]).
 
         `segments` [B, T] numbers the image blocks of the input (0 = text); `seg_cache` [B, S]
-        is the same for every cache slot, already holding this call's tokens.
+        is the same for every cache slot, already holding this call's tokens. `layer`: this
+        layer's index when `attn_type` is None.
         """
         cfg = self.config
         n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
@@ -179,23 +229,22 @@ class Attention(nn.Module):
             q = RMSNorm(param_dtype=pd, name="_query_norm")(q)
             k = RMSNorm(param_dtype=pd, name="_key_norm")(k)
 
-        base, scale = cfg.rope_base_and_scale(self.attn_type)
+        window, base, scale = layer_constants(cfg, self.attn_type, layer)
         q = apply_rope(q, positions, base_frequency=base, scale_factor=scale)
         k = apply_rope(k, positions, base_frequency=base, scale_factor=scale)
         q = q * jnp.asarray(cfg.query_scale, q.dtype)
 
         q = q.reshape(*q.shape[:2], k_heads, n // k_heads, h)  # [B, T, K, G, H]
-        window = cfg.sliding_window_size if self.attn_type == AttentionType.LOCAL_SLIDING else None
         cap = cfg.attn_logits_soft_cap
         if cache is None:
             o = dense_attention(
                 q, k, v, positions, positions, window=window, cap=cap, segments=segments
             )
         else:
-            cache = write_cache(cache, k, v, positions)
+            cache = write_cache(cache, k, v, positions, layer)
             o = chunked_attention(
                 q, cache["k"], cache["v"], positions, window=window, cap=cap,
-                q_seg=segments, seg_cache=seg_cache,
+                q_seg=segments, seg_cache=seg_cache, layer=layer,
             )  # fmt: skip
         o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
         w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")()

@@ -2,6 +2,14 @@
 
 Gemma 4 (`config.family == 4`, spec §1.4) runs the blocks of gemma4.py under the same API.
 
+Two parameter layouts run the same math:
+  - the official tree, `layer_0/...`, `layer_1/...`: the layers are unrolled into the program;
+  - stacked (`stack_layers`, what the engine serves): every `layer_i/<path>` leaf becomes one
+    `layers/<path>` array [L, ...], and the blocks run in a `lax.scan`, so one layer body is
+    compiled instead of L (Gemma 3 1B: 26). Each step reads its layer's weights in place
+    (`kernels.LayerSlice`) and its KV cache from one stacked [L, B, S, K, H] pair; a layer's
+    attention type (window, RoPE) is data.
+
 Usage:
   model = Transformer(config)
   params = init_params(config, seed=0)            # or a restored checkpoint
@@ -18,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_app import kernels
 from gemma_app.nn import gemma4
 from gemma_app.nn.attention import CACHE_CHUNK, Attention, init_layer_cache
 from gemma_app.nn.config import AttentionType, TransformerConfig
@@ -27,18 +36,21 @@ Cache = dict[str, dict[str, jax.Array]]
 
 
 class Block(nn.Module):
-    """One decoder layer: pre-norm attention and MLP, each with an optional post-norm."""
+    """One decoder layer: pre-norm attention and MLP, each with an optional post-norm.
+
+    `attn_type=None`: a step of the scanned decoder; `layer` (traced) picks its type and cache.
+    """
 
     config: TransformerConfig
-    attn_type: AttentionType
+    attn_type: AttentionType | None
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache, segments=None, seg_cache=None):
+    def __call__(self, x, positions, cache, segments=None, seg_cache=None, layer=None):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(param_dtype=pd, name="pre_attention_norm")(x)
         attn = Attention(cfg, self.attn_type, param_dtype=pd, name="attn")
-        cache, a = attn(h, positions, cache, segments, seg_cache)
+        cache, a = attn(h, positions, cache, segments, seg_cache, layer)
         if cfg.use_post_attn_norm:
             a = RMSNorm(param_dtype=pd, name="post_attention_norm")(a)
         x = x + a
@@ -103,13 +115,18 @@ class Transformer(nn.Module):
             seg = jnp.zeros_like(tokens) if segments is None else segments
             seg_cache = cache["segments"].at[rows, positions].set(seg, mode="drop")
             new_cache["segments"] = seg_cache
-        for i, attn_type in enumerate(cfg.attention_types):
-            name = f"layer_{i}"
-            layer_cache = None if cache is None else cache[name]
-            block = Block(cfg, attn_type, param_dtype=pd, name=name)
-            layer_cache, x = block(x, positions, layer_cache, segments, seg_cache)
+        if self.has_variable("params", "layers"):
+            x, stacked_cache = self._scan_blocks(x, positions, cache, segments, seg_cache)
             if cache is not None:
-                new_cache[name] = layer_cache
+                new_cache["layers"] = stacked_cache
+        else:
+            for i, attn_type in enumerate(cfg.attention_types):
+                name = f"layer_{i}"
+                layer_cache = None if cache is None else cache[name]
+                block = Block(cfg, attn_type, param_dtype=pd, name=name)
+                layer_cache, x = block(x, positions, layer_cache, segments, seg_cache)
+                if cache is not None:
+                    new_cache[name] = layer_cache
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
         x = RMSNorm(param_dtype=pd, name="final_norm")(x)
@@ -119,6 +136,27 @@ class Transformer(nn.Module):
             logits = c * jnp.tanh(logits / c)
         return logits, new_cache
 
+    def _scan_blocks(self, x, positions, cache, segments, seg_cache):
+        """The blocks over stacked params `layers/...` [L, ...]: one compiled body for all."""
+        cfg = self.config
+        stacked = self.variables["params"]["layers"]
+        block = Block(cfg, None, param_dtype=self.param_dtype)
+
+        def step(carry, layer):
+            x, kv = carry
+            # Matrices stay in the stack (the products read them in place); the norm scales
+            # [L, D] are sliced, a few hundred bytes.
+            params = jax.tree.map(
+                lambda a: kernels.LayerSlice(a, layer) if a.ndim >= 3 else a[layer], stacked
+            )
+            kv, x = block.apply({"params": params}, x, positions, kv, segments, seg_cache, layer)
+            return (x, kv), None
+
+        kv = None if cache is None else cache["layers"]
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, kv), _ = jax.lax.scan(step, (x, kv), layers)
+        return x, kv
+
 
 def cache_slots(cache_length: int) -> int:
     """Physical cache length: `cache_length` rounded up to whole attention chunks."""
@@ -126,15 +164,27 @@ def cache_slots(cache_length: int) -> int:
 
 
 def init_cache(
-    config: TransformerConfig, *, batch: int, cache_length: int, dtype=jnp.float32
+    config: TransformerConfig,
+    *,
+    batch: int,
+    cache_length: int,
+    dtype=jnp.float32,
+    stacked: bool = False,
 ) -> Cache:
     """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H].
 
-    Gemma 4: K and H follow each layer's type, and KV-shared layers have no entry. With an
-    image encoder, `"segments"` [B, S] holds the image block of every slot.
+    `stacked` (for stacked params, see `stack_layers`): `{"layers": {"k", "v"}}` of
+    [L, B, S, K, H] instead. Gemma 4: K and H follow each layer's type, and KV-shared layers
+    have no entry. With an image encoder, `"segments"` [B, S] holds the image block of every
+    slot.
     """
     slots = cache_slots(cache_length)
-    if config.family == 4:  # per-layer shapes; KV-shared layers own no entry
+    if stacked:
+        one = init_layer_cache(config, batch, slots, dtype)
+        cache = {
+            "layers": {n: jnp.zeros((config.num_layers, *a.shape), dtype) for n, a in one.items()}
+        }
+    elif config.family == 4:  # per-layer shapes; KV-shared layers own no entry
         cache = {
             f"layer_{i}": init_layer_cache(config, batch, slots, dtype, config.attention_types[i])
             for i in gemma4.cache_layers(config)
@@ -147,6 +197,53 @@ def init_cache(
     if getattr(config, "vision", None) is not None:  # the image block of every slot
         cache["segments"] = jnp.zeros((batch, slots), jnp.int32)
     return cache
+
+
+def can_stack(config: TransformerConfig) -> bool:
+    """Gemma 1-3 layers share one shape; Gemma 4's differ by type (and KV sharing)."""
+    return config.family != 4
+
+
+def is_stacked(params: dict) -> bool:
+    """Whether `params` holds the decoder layers stacked (`stack_layers`)."""
+    return "layers" in params
+
+
+def stack_layers(config: TransformerConfig, params: dict, *, consume: bool = False) -> dict:
+    """The official tree with `layer_0/<path>` ... `layer_{L-1}/<path>` stacked into one
+    `layers/<path>` [L, ...] per leaf; every other entry (embedder, encoders) is shared.
+
+    Returns `params` itself when already stacked or when the layers cannot be (Gemma 4).
+    `consume=True` frees each per-layer array once its stack exists (the caller must not use
+    them again), so the peak is the parameters plus one stacked leaf, not twice the weights.
+    """
+    if is_stacked(params) or not can_stack(config):
+        return params
+    names = [f"layer_{i}" for i in range(config.num_layers)]
+    leaves = [jax.tree.leaves(params[name]) for name in names]
+    treedef = jax.tree.structure(params[names[0]])
+    stacks = []
+    for column in zip(*leaves, strict=True):
+        stacks.append(jnp.stack(column))
+        if consume:
+            for a in column:
+                if isinstance(a, jax.Array):
+                    a.delete()
+    out = {k: v for k, v in params.items() if k not in names}
+    out["layers"] = jax.tree.unflatten(treedef, stacks)
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """The official tree of stacked `params` (new arrays; for checks and export)."""
+    if not is_stacked(params):
+        return params
+    stacked = params["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(count):
+        out[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return out
 
 
 def init_params(config: TransformerConfig, *, seed: int = 0, dtype=jnp.float32) -> dict:

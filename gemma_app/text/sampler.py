@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_app.nn.config import TransformerConfig
-from gemma_app.nn.transformer import Cache, Transformer, init_cache
+from gemma_app.nn.transformer import Cache, Transformer, init_cache, is_stacked
 from gemma_app.text import sampling as sampling_lib
 from gemma_app.text.tokenizer import Tokenizer
 
@@ -268,8 +268,9 @@ class Sampler:
 
     def new_state_cache(self, batch: int) -> Cache:
         return init_cache(
-            self.model.config, batch=batch, cache_length=self.cache_length, dtype=self.model.dtype
-        )
+            self.model.config, batch=batch, cache_length=self.cache_length,
+            dtype=self.model.dtype, stacked=is_stacked(self.params),
+        )  # fmt: skip
 
     def prefill(
         self,

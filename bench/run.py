@@ -433,6 +433,8 @@ def render(results, supplements=None, notes=None) -> str:
         for k in ("jax", "torch", "transformers", "gemma"):
             if r.get(k):
                 versions[k] = r[k]
+    layouts = sorted({r["layout"] for r in results["rows"] if r.get("layout")})
+    layout_txt = f" Our decoder layers: {', '.join(layouts)}." if layouts else ""
     lines = [
         "# Benchmark results (issue 5)",
         "",
@@ -454,7 +456,8 @@ def render(results, supplements=None, notes=None) -> str:
         f"prompt, {cfg['new_tokens']} new tokens with end tokens forbidden (every run "
         f"generates exactly that many), TTFT also for a {cfg['long_prompt_tokens']}-token "
         f"prompt, cache length {cfg['cache_length']}, medians of {cfg['reps']} after a "
-        f"warm-up; device `{cfg['device']}`; XLA_FLAGS=`{cfg.get('xla_flags') or ''}`.",
+        f"warm-up; device `{cfg['device']}`; XLA_FLAGS=`{cfg.get('xla_flags') or ''}`."
+        + layout_txt,
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",

@@ -153,7 +153,9 @@ def test_cached_prefill_and_decode_equal_full_forward(make_config, stacked):
     np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make_config", TINY, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "make_config", [presets.tiny_gemma1_mha, presets.tiny_gemma3], ids=lambda f: f.__name__
+)
 def test_stacked_layers_give_the_unrolled_logits(make_config):
     """Same weights, two layouts: the scan reproduces the unrolled decoder bit for bit, and
     unstacking gives the official tree back."""
@@ -186,7 +188,7 @@ def test_stacking_can_free_the_per_layer_arrays():
     assert all(a.is_deleted() for a in layer0)
     assert stacked["embedder"]["input_embedding"] is embed and not embed.is_deleted()
     gemma4 = presets.tiny_gemma4()
-    p4 = init_params(gemma4, seed=0)
+    p4 = abstract_params(gemma4)
     assert stack_layers(gemma4, p4) is p4  # per-layer shapes differ: stays unrolled
 
 
@@ -197,8 +199,9 @@ def test_scanned_decoder_compiles_one_layer_body():
     one_layer = dataclasses.replace(cfg, attention_types=cfg.attention_types[:1])
 
     def products(config, stacked):
-        params = init_params(config, seed=0)
-        params = stack_layers(config, params) if stacked else params
+        params = abstract_params(config)  # lowering needs shapes only
+        if stacked:
+            params = jax.eval_shape(lambda p: stack_layers(config, p), params)
         cache = init_cache(config, batch=1, cache_length=CACHE_CHUNK, stacked=stacked)
         token = jnp.zeros((1, 1), jnp.int32)
         fn = jax.jit(lambda p, t, c: Transformer(config).apply({"params": p}, t, t, c))

@@ -45,7 +45,7 @@ totals = common.jax_compile_listener()
 compile_log = common.CompileLog.install()
 
 from gemma_app.engine import Engine, resolve_dtype, scan_by_default  # noqa: E402
-from gemma_app.jax_utils import CompileCounter  # noqa: E402
+from gemma_app.jax_utils import CompileCounter, release_freed_host_memory  # noqa: E402
 from gemma_app.nn import presets  # noqa: E402
 from gemma_app.nn.transformer import (  # noqa: E402
     Transformer,
@@ -133,6 +133,7 @@ else:
     params = leafwise_random_params(cfg, JNP[store])
 if LAYOUT == "stacked":  # as the engine serves them; the per-layer arrays are freed
     params = stack_layers(cfg, params, consume=True)
+    release_freed_host_memory()  # as the engine does after stacking
 jax.block_until_ready(params)
 leaves = jax.tree.leaves(params)
 rec.set(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import jax.monitoring
@@ -43,3 +44,18 @@ class CompileCounter:
     @property
     def so_far(self) -> int:
         return _compiles - self._start
+
+
+def release_freed_host_memory() -> None:
+    """Hands memory that freed arrays left in the C heap back to the OS (glibc `malloc_trim`).
+
+    Called after the weights are rearranged (`Engine`): the per-layer arrays a stack replaced
+    leave their pages in glibc's heap (Gemma 3 1B bf16: 1.2 GB of RSS) until trimmed. No-op
+    where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

@@ -179,13 +179,19 @@ def test_stacked_layers_give_the_unrolled_logits(make_config):
 
 
 def test_stacking_can_free_the_per_layer_arrays():
-    """consume=True frees each layer's arrays once stacked (peak: params + one stack)."""
+    """consume=True frees each layer's arrays once stacked (peak: params + one stack); bf16
+    leaves keep their exact bits."""
     cfg = presets.tiny_gemma3()
-    official = init_params(cfg, seed=0)
+    official = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, seed=0))
+    want = {k: np.asarray(v) for k, v in flatten_dict(unstack_layers(official), sep="/").items()}
     layer0 = jax.tree.leaves(official["layer_0"])
     embed = official["embedder"]["input_embedding"]
     stacked = stack_layers(cfg, official, consume=True)
     assert all(a.is_deleted() for a in layer0)
+    got = flatten_dict(unstack_layers(stacked), sep="/")  # bf16 stacked bit for bit
+    for key, value in want.items():
+        assert got[key].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
     assert stacked["embedder"]["input_embedding"] is embed and not embed.is_deleted()
     gemma4 = presets.tiny_gemma4()
     p4 = abstract_params(gemma4)

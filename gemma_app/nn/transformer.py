@@ -224,14 +224,27 @@ def stack_layers(config: TransformerConfig, params: dict, *, consume: bool = Fal
     treedef = jax.tree.structure(params[names[0]])
     stacks = []
     for column in zip(*leaves, strict=True):
-        stacks.append(jnp.stack(column))
-        if consume:
+        stacks.append(_stack(*column))
+        if consume:  # wait for the stack, so its inputs are really gone before the next one
+            stacks[-1].block_until_ready()
             for a in column:
                 if isinstance(a, jax.Array):
                     a.delete()
     out = {k: v for k, v in params.items() if k not in names}
     out["layers"] = jax.tree.unflatten(treedef, stacks)
     return out
+
+
+@jax.jit
+def _stack(*column: jax.Array) -> jax.Array:
+    # One compiled concatenation (eager `jnp.stack` copies every input once more first), of
+    # the raw bits: XLA:CPU widens a bf16 concatenate to fp32 (+3.7 GB on Gemma 3 1B's gates).
+    dtype = column[0].dtype
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(dtype.itemsize)
+    if bits is None:
+        return jnp.stack(column)
+    raw = jnp.stack([jax.lax.bitcast_convert_type(a, bits) for a in column])
+    return jax.lax.bitcast_convert_type(raw, dtype)
 
 
 def unstack_layers(params: dict) -> dict:

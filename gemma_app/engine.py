@@ -60,7 +60,7 @@ def resolve_dtype(requested: str | None = None) -> DtypeChoice:
     The math is fp32 on CPU and the storage dtype elsewhere (`compute_dtype_for`). "auto"
     stores bf16, as checkpoints are released: on CPU the kernels (gemma_app/kernels, built on
     first use) read it at memory speed, so decode moves half the bytes of fp32 (Gemma 3 1B:
-    13.9 vs 8.5 tok/s, bench/RESULTS.md). Without the kernels XLA:CPU decodes bf16 weights
+    13.0 vs 8.1 tok/s, bench/RESULTS.md). Without the kernels XLA:CPU decodes bf16 weights
     ~20x slower, so "auto" is fp32 there and an explicit bf16 request gets a loud warning.
     """
     key = (requested or "auto").lower()
@@ -106,7 +106,7 @@ class Engine:
         each follows what was loaded: the config has the encoder and the params hold it.
       scan_layers: run the decoder layers in a scan over stacked weights: one layer body is
         compiled instead of one per layer (Gemma 3 1B: 26), at the same decode speed
-        (bench/RESULTS.md). None: `scan_by_default()`.
+        (first-call compile 2.1-2.6 s vs 7.6-8.1 s; bench/README.md). None: `scan_by_default()`.
     """
 
     name: str

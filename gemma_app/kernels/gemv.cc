@@ -317,29 +317,32 @@ ffi::Error ReadShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
   return ffi::Error::Success();
 }
 
+// Calls run(weights of layer l) with a typed pointer: const float* or const uint16_t* (bf16).
+template <typename Run>
+ffi::Error WithLayerWeights(const ffi::AnyBuffer& w, const Shapes& s, Run run) {
+  switch (w.element_type()) {
+    case ffi::DataType::F32:
+      run(static_cast<const float*>(w.untyped_data()) + s.offset);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      run(static_cast<const uint16_t*>(w.untyped_data()) + s.offset);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("weights must be float32 or bfloat16");
+  }
+}
+
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                 ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
   Shapes s;
-  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer, contract_last, s);
-      err.failure())
-    return err;
-  const int64_t M = s.M, K = s.K, G = s.G, N = s.N;
-  if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("gemv: 1 to 4 rows of x");
-  if (M * K == 0 || G * N == 0) return ffi::Error::Success();
-  float* out = y->typed_data();
-  switch (w.element_type()) {
-    case ffi::DataType::F32:
-      Dispatch(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()) + s.offset, out,
-               M, G, N, K, contract_last);
-      break;
-    case ffi::DataType::BF16:
-      Dispatch(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()) + s.offset,
-               out, M, G, N, K, contract_last);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("gemv: weights must be float32 or bfloat16");
-  }
-  return ffi::Error::Success();
+  ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer,
+                              contract_last, s);
+  if (err.failure()) return err;
+  if (s.M < 1 || s.M > kMaxRows) return ffi::Error::InvalidArgument("gemv: 1 to 4 rows of x");
+  if (s.M * s.K == 0 || s.G * s.N == 0) return ffi::Error::Success();
+  return WithLayerWeights(w, s, [&](const auto* wl) {
+    Dispatch(pool, x.typed_data(), wl, y->typed_data(), s.M, s.G, s.N, s.K, contract_last);
+  });
 }
 
 // Prefill products: y[g, m, n] for any M, without an fp32 copy of w. For each 32-output
@@ -439,23 +442,13 @@ void GemmAll(ffi::ThreadPool& pool, const float* xs, const W* ws, float* ys, con
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                 ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
   Shapes s;
-  if (ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer, contract_last, s);
-      err.failure())
-    return err;
+  ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer,
+                              contract_last, s);
+  if (err.failure()) return err;
   if (s.M * s.K == 0 || s.G * s.N == 0) return ffi::Error::Success();
-  switch (w.element_type()) {
-    case ffi::DataType::F32:
-      GemmAll(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()) + s.offset,
-              y->typed_data(), s, contract_last);
-      break;
-    case ffi::DataType::BF16:
-      GemmAll(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()) + s.offset,
-              y->typed_data(), s, contract_last);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("gemm: weights must be float32 or bfloat16");
-  }
-  return ffi::Error::Success();
+  return WithLayerWeights(w, s, [&](const auto* wl) {
+    GemmAll(pool, x.typed_data(), wl, y->typed_data(), s, contract_last);
+  });
 }
 
 }  // namespace

@@ -105,8 +105,9 @@ class Engine:
       supports_images / supports_audio: what the message box may accept. Left unset (None),
         each follows what was loaded: the config has the encoder and the params hold it.
       scan_layers: run the decoder layers in a scan over stacked weights: one layer body is
-        compiled instead of one per layer (Gemma 3 1B: 26), at the same decode speed
-        (first-call compile 2.1-2.6 s vs 7.6-8.1 s; bench/README.md). None: `scan_by_default()`.
+        compiled instead of one per layer (Gemma 3 1B: 26; its first chat call compiles in
+        2.1-2.6 s, 7.6-8.1 s unrolled), at the same decode speed (bench/README.md). None:
+        `scan_by_default()`.
     """
 
     name: str

@@ -305,7 +305,8 @@ ffi::Error ReadShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
                       ffi::Span<const int64_t> yd, ffi::Buffer<ffi::S32> layer,
                       bool contract_last, Shapes& s) {
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 3 || layer.element_count() != 1)
-    return ffi::Error::InvalidArgument("x must be [M, K], w [L * G, *, *], y [G, M, N], layer a scalar");
+    return ffi::Error::InvalidArgument(
+        "x must be [M, K], w [L * G, *, *], y [G, M, N] and layer a scalar");
   s = {xd[0], xd[1], yd[0], contract_last ? wd[1] : wd[2], 0};
   if ((contract_last ? wd[2] : wd[1]) != s.K)
     return ffi::Error::InvalidArgument("the contraction sizes of x and w differ");

@@ -37,8 +37,9 @@ _DTYPES = {
 
 
 def compute_dtype_for(param_dtype) -> jnp.dtype:
-    """fp32 math on CPU whatever the storage (gemma_app/kernels reads bf16 weights at memory
-    speed; XLA:CPU's bf16 matmuls are several times slower); the storage dtype elsewhere."""
+    """fp32 activations on CPU whatever the storage (gemma_app/kernels reads bf16 weights at
+    memory speed and multiplies them by bf16-rounded x with fp32 sums; XLA:CPU's bf16 matmuls
+    are several times slower); the storage dtype elsewhere."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(param_dtype)
 
 

@@ -9,15 +9,16 @@ the engine takes (heads and MLP gates are a leading batch axis G of the weight):
 `w` may also be a `LayerSlice`: one layer of a weight stacked over the decoder's layers, as
 the scanned decoder (nn/transformer.py) hands them out. The kernels read that layer in place.
 
-On a CPU with fp32 activations they run `gemv.cc` through the XLA FFI, fp32 math whatever the
-weights' storage (fp32 or bf16):
+On a CPU with fp32 activations they run `gemv.cc` through the XLA FFI: fp32 math on fp32
+weights; on bf16 weights, x rounded to bf16 and fp32 sums (`_rounded_for`, what a bf16 matmul
+computes on an accelerator; AVX512-BF16 CPUs run it at twice the fp32 rate):
   - at most `MAX_ROWS` rows of x (a decode step): weights read once at memory speed (XLA:CPU's
     own GEMV runs bf16 weights at ~1.5 GB/s);
   - more rows (prefill chunks): a GEMM that widens panels of w in cache (XLA would need an
     fp32 copy of every bf16 weight per chunk, and a sliced copy of every stacked layer).
 Otherwise (GPUs, bf16 activations, `GEMMA_APP_KERNELS=0`, no compiler) they are XLA dots on
-the weights cast to x's dtype. Both paths give the same numbers up to fp32 summation order
-(tests/test_kernels.py).
+the weights cast to x's dtype, with the same rounding of x. Both paths give the same numbers
+up to fp32 summation order (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -115,9 +116,21 @@ def _xla(x2: jax.Array, stack: jax.Array, layer: jax.Array, *, groups: int, last
         w3 = jax.lax.dynamic_slice_in_dim(stack, layer * groups, groups, axis=0)
     # G as a batch axis of both operands: XLA:CPU then reads w in place, where a plain einsum
     # would transpose it (a full weight copy per call) whenever G > 1.
-    xb = jnp.broadcast_to(x2, (groups, *x2.shape))  # [G, M, K]
+    xb = jnp.broadcast_to(_rounded_for(x2, stack.dtype), (groups, *x2.shape))  # [G, M, K]
     dims = (((2,), (2 if last else 1,)), ((0,), (0,)))
     return jax.lax.dot_general(xb, w3.astype(x2.dtype), dims)  # [G, M, N]
+
+
+def _rounded_for(x2: jax.Array, weight_dtype) -> jax.Array:
+    """x rounded to bf16 (kept in x's dtype) when the weights are bf16, as the kernels do.
+
+    bf16 weights multiply bf16 activations: each product is exact in fp32 and only the fp32
+    sums round, the numerics of a bf16 matmul on GPUs and TPUs. The kernels get the same
+    numbers from AVX512-BF16 instructions at twice the products per cycle of fp32 FMAs.
+    """
+    if weight_dtype == jnp.bfloat16 and x2.dtype == jnp.float32:
+        return x2.astype(jnp.bfloat16).astype(jnp.float32)
+    return x2
 
 
 def _kernel(x2, stack, layer, *, target: str, groups: int, last: bool) -> jax.Array:

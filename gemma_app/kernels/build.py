@@ -65,12 +65,15 @@ def _library_path(cxx: str) -> pathlib.Path:
     return cache_dir() / f"gemv-{platform.machine()}-{digest}.so"
 
 
-def _compile(cxx: str, out: pathlib.Path) -> None:
+def _compile(cxx: str, out: pathlib.Path, defines: tuple[str, ...] = ()) -> None:
+    """Builds SOURCE into `out`; `defines` (-D...) select code paths, e.g. the tests build the
+    portable bf16 loops with GEMMA_APP_NO_DPBF16 on a CPU that has AVX512-BF16."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = pathlib.Path(tmp) / out.name
-        cmd = [cxx, *compile_flags(), str(SOURCE), "-o", str(tmp_out)]
+        flags = [*compile_flags(), *(f"-D{d}" for d in defines)]
+        cmd = [cxx, *flags, str(SOURCE), "-o", str(tmp_out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

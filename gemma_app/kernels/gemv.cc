@@ -33,6 +33,13 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifdef __AVX512F__  // intrinsics where the vectoriser needs help: transposes, bf16 pairs
+#include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && !defined(GEMMA_APP_NO_DPBF16)
+#define GEMMA_APP_DPBF16 1  // vdpbf16ps: 32 bf16 products summed into 16 fp32 lanes per op
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -53,6 +60,35 @@ inline float Widen(uint16_t v) {  // bf16 is the top half of an fp32
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+
+// bf16 weights multiply x rounded to bf16 (nearest even). The product of two bf16 values is exact
+// in fp32, so only the fp32 sums round: the numerics of a bf16 matmul on a GPU or TPU, and of
+// `_xla` in __init__.py. With AVX512-BF16 the hardware then takes bf16 pairs directly (twice
+// the products per instruction of an fp32 FMA); elsewhere the same rounded x meets widened w.
+inline uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// x [M, K] rounded to bf16, as fp32 values [M, K] and as bf16 pairs [M, P], P = ceil(K / 2):
+// pair p of a row holds k = 2p in its low half and k = 2p + 1 (0 past K) in its high half,
+// which is memory order on a little-endian machine, so a row of pairs is also a row of bf16.
+struct RoundedX {
+  int64_t P;
+  std::vector<float> f32;
+  std::vector<uint32_t> pairs;
+
+  RoundedX(const float* x, int64_t M, int64_t K) : P((K + 1) / 2), f32(M * K), pairs(M * P, 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint16_t b = ToBf16(x[m * K + k]);
+        f32[m * K + k] = Widen(b);
+        pairs[m * P + k / 2] |= static_cast<uint32_t>(b) << (16 * (k & 1));
+      }
+  }
+};
 
 inline F32x16 Load16(const float* p) {
   F32x16 v;
@@ -110,6 +146,7 @@ void RowsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int6
   }
 }
 
+#ifndef GEMMA_APP_DPBF16
 // The bf16 version of RowsBlock. A 64-byte load holds 32 weights as 16 lanes of two: element
 // 2j is the low half of lane j, element 2j+1 the high half. `lane << 16` and `lane & 0xffff0000`
 // are those two as fp32 with no cross-lane shuffle, against x split the same way once per call
@@ -168,6 +205,42 @@ std::vector<float> SplitEvenOdd(const float* x, int64_t M, int64_t K) {
   }
   return xs;
 }
+#endif
+
+#ifdef GEMMA_APP_DPBF16
+// RowsBlock for bf16 weights on AVX512-BF16: a 64-byte load of w is 32 bf16 weights, and one
+// vdpbf16ps multiplies them by x's 32 (rounded) bf16 values and adds the pairs into 16 lanes.
+// Nothing is widened, so a weight costs a sixteenth of an instruction.
+template <int M>
+void RowsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restrict xr,
+                 const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                 float* __restrict y) {
+  constexpr int R = 4;
+  const int64_t k32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k32; k += 32) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r)
+        wv[r] = (__m512bh)(r < rows ? _mm512_loadu_si512(w + (n + r) * K + k)
+                                    : _mm512_setzero_si512());
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * P + k / 2);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < rows; ++r) {
+        float s = _mm512_reduce_add_ps(acc[m][r]);
+        for (int64_t k = k32; k < K; ++k) s += xr[m * K + k] * Widen(w[(n + r) * K + k]);
+        y[m * N + n + r] = s;
+      }
+  }
+}
+#endif
 
 // acc[m, :] += sum_{k in [k0, k1)} x[m, k] * w[k, :] for one w [K, N] (output axis contiguous).
 // Four weight rows per pass, so the accumulator row is loaded and stored once per four.
@@ -198,6 +271,80 @@ void ColsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int6
   }
 }
 
+#ifdef GEMMA_APP_DPBF16
+// ColsBlock for bf16 weights on AVX512-BF16. vdpbf16ps wants (k, k + 1) pairs of one output in
+// a 32-bit lane, and w [K, N] keeps k's outputs apart: unpacklo/hi_epi16 of rows k and k + 1
+// interleave them, but within 128-bit lanes, so a 32-output block of acc holds its outputs in
+// the order ColsOrder gives (acc is private to the call; UnpermuteCols restores y's order).
+// Columns past the last whole block stay in order, summed with widened weights.
+inline int64_t ColsOrder(int64_t a) {  // a-th float of a block of acc -> its output in the block
+  const int64_t half = a / 16, i = a % 16;  // unpacklo then unpackhi
+  return 8 * (i / 4) + 4 * half + i % 4;
+}
+
+template <int M>
+void ColsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restrict xr,
+                 const uint16_t* __restrict w, int64_t K, int64_t N, int64_t k0, int64_t k1,
+                 float* __restrict acc) {
+  const int64_t n32 = N / 32 * 32;
+  // Two pairs of rows per pass (k0 is a multiple of 4), then a last pair whose second row may
+  // be past K.
+  for (int64_t k = k0; k < k1; k += 4) {
+    const bool second = k + 2 < k1;  // pair (k + 2, k + 3) exists
+    const uint16_t* r[4];
+    for (int i = 0; i < 4; ++i) r[i] = k + i < k1 ? w + (k + i) * N : nullptr;
+    __m512bh a0[M], a1[M];
+    for (int m = 0; m < M; ++m) {
+      a0[m] = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * P + k / 2]));
+      a1[m] = (__m512bh)_mm512_set1_epi32(second ? static_cast<int>(xp[m * P + k / 2 + 1]) : 0);
+    }
+    auto row = [&](int i, int64_t n) {
+      return r[i] ? _mm512_loadu_si512(r[i] + n) : _mm512_setzero_si512();
+    };
+    for (int64_t n = 0; n < n32; n += 32) {
+      const __m512i w0 = row(0, n), w1 = row(1, n);
+      const __m512bh lo01 = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
+      const __m512bh hi01 = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
+      __m512bh lo23 = lo01, hi23 = hi01;
+      if (second) {
+        const __m512i w2 = row(2, n), w3 = row(3, n);
+        lo23 = (__m512bh)_mm512_unpacklo_epi16(w2, w3);
+        hi23 = (__m512bh)_mm512_unpackhi_epi16(w2, w3);
+      }
+      for (int m = 0; m < M; ++m) {
+        float* out = acc + m * N + n;
+        __m512 lo = _mm512_dpbf16_ps(_mm512_loadu_ps(out), a0[m], lo01);
+        __m512 hi = _mm512_dpbf16_ps(_mm512_loadu_ps(out + 16), a0[m], hi01);
+        if (second) {
+          lo = _mm512_dpbf16_ps(lo, a1[m], lo23);
+          hi = _mm512_dpbf16_ps(hi, a1[m], hi23);
+        }
+        _mm512_storeu_ps(out, lo);
+        _mm512_storeu_ps(out + 16, hi);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      if (!r[i]) continue;
+      for (int m = 0; m < M; ++m) {
+        const float a = xr[m * K + k + i];
+        for (int64_t j = n32; j < N; ++j) acc[m * N + j] += a * Widen(r[i][j]);
+      }
+    }
+  }
+}
+
+// y [rows, N] from ColsBlockDp's order back to outputs' order, block by block.
+void UnpermuteCols(float* y, int64_t rows, int64_t N) {
+  float block[32];
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t n = 0; n + 32 <= N; n += 32) {
+      float* out = y + m * N + n;
+      for (int64_t a = 0; a < 32; ++a) block[ColsOrder(a)] = out[a];
+      std::copy(block, block + 32, out);
+    }
+}
+#endif
+
 // One call's work, shared by the calling thread and the pool tasks it schedules.
 struct Job {
   int64_t units = 0;
@@ -209,8 +356,10 @@ struct Job {
 
 template <typename W, int M>
 struct Problem {
-  const float* x;
-  const float* xs;  // bf16 rows only: x split by SplitEvenOdd
+  const float* x;   // bf16 weights: x rounded to bf16 (RoundedX::f32)
+  const float* xs;  // bf16 weights without AVX512-BF16, contract_last: x split by SplitEvenOdd
+  const uint32_t* xp;  // bf16 weights: x's bf16 pairs [M, P] (RoundedX::pairs)
+  int64_t P;
   const W* w;
   float* y;
   int64_t G, N, K;
@@ -225,13 +374,23 @@ struct Problem {
     if (contract_last) {
       const int64_t step = (N + blocks - 1) / blocks;
       const int64_t n0 = b * step, n1 = std::min(N, n0 + step);
-      if constexpr (std::is_same_v<W, uint16_t>)
+      if constexpr (std::is_same_v<W, uint16_t>) {
+#ifdef GEMMA_APP_DPBF16
+        RowsBlockDp<M>(xp, P, x, wg, K, N, n0, n1, y + g * M * N);
+#else
         RowsBlockBf16<M>(x, xs, wg, K, N, n0, n1, y + g * M * N);
-      else
+#endif
+      } else
         RowsBlock<W, M>(x, wg, K, N, n0, n1, y + g * M * N);
     } else {
       const int64_t step = ((K + blocks - 1) / blocks + 3) / 4 * 4;
       const int64_t k0 = std::min(K, b * step), k1 = std::min(K, k0 + step);
+#ifdef GEMMA_APP_DPBF16
+      if constexpr (std::is_same_v<W, uint16_t>) {
+        ColsBlockDp<M>(xp, P, x, wg, K, N, k0, k1, partial + g * M * N);
+        return;
+      }
+#endif
       ColsBlock<W, M>(x, wg, K, N, k0, k1, partial + g * M * N);
     }
   }
@@ -257,9 +416,18 @@ void Launch(ffi::ThreadPool& pool, const Problem<W, M>& base, int64_t weight_byt
   threads = std::min(threads, p.Units());
 
   std::vector<float> xs;
-  if (std::is_same_v<W, uint16_t> && p.contract_last) {
-    xs = SplitEvenOdd(p.x, M, p.K);
-    p.xs = xs.data();
+  std::unique_ptr<RoundedX> rx;
+  if (std::is_same_v<W, uint16_t>) {
+    rx = std::make_unique<RoundedX>(p.x, M, p.K);
+    p.x = rx->f32.data();
+    p.xp = rx->pairs.data();
+    p.P = rx->P;
+#ifndef GEMMA_APP_DPBF16
+    if (p.contract_last) {
+      xs = SplitEvenOdd(p.x, M, p.K);
+      p.xs = xs.data();
+    }
+#endif
   }
   auto job = std::make_shared<Job>();
   job->units = p.Units();
@@ -280,6 +448,9 @@ void Launch(ffi::ThreadPool& pool, const Problem<W, M>& base, int64_t weight_byt
     std::copy(job->partial[0].begin(), job->partial[0].end(), p.y);
     for (int64_t t = 1; t < threads; ++t)
       for (int64_t i = 0; i < size; ++i) p.y[i] += job->partial[t][i];
+#ifdef GEMMA_APP_DPBF16
+    if (std::is_same_v<W, uint16_t>) UnpermuteCols(p.y, p.G * M, p.N);
+#endif
   }
 }
 
@@ -288,10 +459,10 @@ void Dispatch(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64
               int64_t N, int64_t K, bool contract_last) {
   const int64_t bytes = G * N * K * static_cast<int64_t>(sizeof(W));
   switch (M) {
-    case 1: return Launch<W, 1>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
-    case 2: return Launch<W, 2>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
-    case 3: return Launch<W, 3>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
-    default: return Launch<W, 4>(pool, {x, nullptr, w, y, G, N, K, contract_last, 1}, bytes);
+    case 1: return Launch<W, 1>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
+    case 2: return Launch<W, 2>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
+    case 3: return Launch<W, 3>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
+    default: return Launch<W, 4>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
   }
 }
 
@@ -356,14 +527,64 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 constexpr int kMR = 6;
 constexpr int64_t kNR = 32;
 
+#ifdef __AVX512F__
+// out[c * 32 + r] = row r's c-th 32-bit value, for 16 rows of 16 values (row r at in + r *
+// stride bytes): one 16 x 16 block of a panel's transpose, in 64 shuffles instead of 256
+// scalar moves. Values are 32-bit: fp32 weights, or bf16 weights read as (k, k + 1) pairs.
+inline void Transpose16x16(const char* in, int64_t stride, uint32_t* out) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * stride);
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: (r_i, r_i+1) of columns 4L..4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + q], lane L: rows i..i+3 of column 4L + q
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // gather lane L of the four row groups: column 4L + q
+    const __m512i even01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88);  // lanes 0, 2
+    const __m512i odd01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xdd);   // lanes 1, 3
+    const __m512i even23 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x88);
+    const __m512i odd23 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xdd);
+    _mm512_storeu_si512(out + (0 + q) * 32, _mm512_shuffle_i32x4(even01, even23, 0x88));
+    _mm512_storeu_si512(out + (8 + q) * 32, _mm512_shuffle_i32x4(even01, even23, 0xdd));
+    _mm512_storeu_si512(out + (4 + q) * 32, _mm512_shuffle_i32x4(odd01, odd23, 0x88));
+    _mm512_storeu_si512(out + (12 + q) * 32, _mm512_shuffle_i32x4(odd01, odd23, 0xdd));
+  }
+}
+
+// The first `*done` columns of a full panel [cols][32] from 32 rows of `cols` 32-bit values
+// (row j at in + j * stride bytes), by 16 x 16 blocks; the caller packs the rest.
+inline void TransposeRows32(const char* in, int64_t stride, int64_t cols, uint32_t* panel,
+                            int64_t* done) {
+  *done = cols / 16 * 16;
+  for (int64_t c = 0; c < *done; c += 16)
+    for (int h = 0; h < 2; ++h)
+      Transpose16x16(in + 16 * h * stride + 4 * c, stride, panel + c * 32 + 16 * h);
+}
+#else
+inline void TransposeRows32(const char*, int64_t, int64_t, uint32_t*, int64_t* done) {
+  *done = 0;
+}
+#endif
+
 template <bool kLast, typename W>
 void PackPanel(const W* __restrict w, int64_t K, int64_t N, int64_t n0,
                float* __restrict panel) {
   const int64_t nr = std::min<int64_t>(kNR, N - n0);
   if (kLast) {  // w [N, K]: each output's row becomes a column of the panel
+    int64_t start = 0;  // fp32 full panels: 16 x 16 blocks, then the columns left
+    if constexpr (std::is_same_v<W, float>) {
+      if (nr == kNR)
+        TransposeRows32(reinterpret_cast<const char*>(w + n0 * K), K * 4, K,
+                        reinterpret_cast<uint32_t*>(panel), &start);
+    }
     // In blocks of 64 k, so the 8 KB of panel being written stays in L1 across the 32 rows.
     constexpr int64_t kKB = 64;
-    for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+    for (int64_t k0 = start; k0 < K; k0 += kKB) {
       const int64_t k1 = std::min(K, k0 + kKB);
       for (int64_t j = 0; j < kNR; ++j) {
         const W* src = w + (n0 + std::min(j, nr - 1)) * K;
@@ -414,30 +635,129 @@ void GemmPanel(const float* x, const W* w, float* y, int64_t M, int64_t N, int64
   }
 }
 
-template <typename W>
-void GemmAll(ffi::ThreadPool& pool, const float* xs, const W* ws, float* ys, const Shapes& s,
-             bool contract_last) {
-  const int64_t M = s.M, K = s.K, G = s.G, N = s.N;
-  const int64_t panels = (N + kNR - 1) / kNR;
+#ifdef GEMMA_APP_DPBF16
+// The GEMM for bf16 weights on AVX512-BF16. Panels hold bf16 pairs [P][32] (pair p of output j:
+// its weights for k = 2p and 2p + 1) and are copied, not widened; x's rows are bf16 pairs too.
+// Per pair of k an 8-row tile takes two panel loads, eight broadcasts and 16 vdpbf16ps, each
+// 32 products: twice an fp32 FMA's.
+constexpr int kMRDp = 8;
+
+template <bool kLast>
+void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
+                 uint32_t* __restrict panel) {
+  const int64_t nr = std::min<int64_t>(kNR, N - n0), P = (K + 1) / 2;
+  auto pair = [](uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_t>(hi) << 16; };
+  if (kLast) {  // w [N, K]: output j's row, read in pairs, becomes column j of the panel
+    int64_t start = 0;  // full panels: 16 x 16 blocks of whole pairs, then the pairs left
+    if (nr == kNR)
+      TransposeRows32(reinterpret_cast<const char*>(w + n0 * K), K * 2, K / 2, panel, &start);
+    constexpr int64_t kPB = 64;  // in blocks of 64 pairs: the 8 KB being written stays in L1
+    for (int64_t p0 = start; p0 < P; p0 += kPB) {
+      const int64_t p1 = std::min(P, p0 + kPB);
+      for (int64_t j = 0; j < kNR; ++j) {
+        const uint16_t* src = w + (n0 + std::min(j, nr - 1)) * K;
+        for (int64_t p = p0; p < p1; ++p) {
+          const uint16_t hi = 2 * p + 1 < K ? src[2 * p + 1] : 0;
+          panel[p * kNR + j] = j < nr ? pair(src[2 * p], hi) : 0u;
+        }
+      }
+    }
+  } else {  // w [K, N]: pair p interleaves rows 2p and 2p + 1 of w
+    for (int64_t p = 0; p < P; ++p) {
+      const uint16_t* r0 = w + 2 * p * N + n0;
+      const uint16_t* r1 = 2 * p + 1 < K ? r0 + N : nullptr;
+      for (int64_t j = 0; j < kNR; ++j)
+        panel[p * kNR + j] = j < nr ? pair(r0[j], r1 ? r1[j] : 0) : 0u;
+    }
+  }
+}
+
+// y[m0:m0+rows, n0:n0+nr] = x's pairs [rows, P] @ panel.
+void TileDp(const uint32_t* __restrict xp, int64_t P, int rows, const uint32_t* __restrict panel,
+            float* __restrict y, int64_t N, int64_t nr) {
+  __m512 acc[kMRDp][2];
+  const uint32_t* xr[kMRDp];
+  for (int i = 0; i < kMRDp; ++i) {
+    acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    xr[i] = xp + std::min(i, rows - 1) * P;  // pad rows: discarded
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * kNR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * kNR + 16);
+    for (int i = 0; i < kMRDp; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xr[i][p]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    float out[kNR];
+    _mm512_storeu_ps(out, acc[i][0]);
+    _mm512_storeu_ps(out + 16, acc[i][1]);
+    std::copy(out, out + nr, y + i * N);
+  }
+}
+
+template <bool kLast>
+void GemmPanelDp(const RoundedX& x, const uint16_t* w, float* y, int64_t M, int64_t N,
+                 int64_t K, int64_t n0) {
+  thread_local std::vector<uint32_t> panel;
+  if (static_cast<int64_t>(panel.size()) < x.P * kNR) panel.resize(x.P * kNR);
+  PackPanelDp<kLast>(w, K, N, n0, panel.data());
+  const int64_t nr = std::min<int64_t>(kNR, N - n0);
+  for (int64_t m = 0; m < M; m += kMRDp) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMRDp, M - m));
+    TileDp(x.pairs.data() + m * x.P, x.P, rows, panel.data(), y + m * N + n0, N, nr);
+  }
+}
+#endif
+
+// Runs fn(unit) for every unit in [0, units) on the calling thread and the pool's threads.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t units, const Fn& fn) {
   auto job = std::make_shared<Job>();
-  job->units = G * panels;
-  auto work = [job, xs, ws, ys, M, N, K, panels, contract_last]() {
+  job->units = units;
+  // Tasks copy `work`; one that starts after the caller took every unit finds none and leaves
+  // without touching fn's captures, which live on the caller's stack.
+  auto work = [job, fn]() {
     for (int64_t u; (u = job->next.fetch_add(1)) < job->units;) {
-      const int64_t g = u / panels, n0 = (u % panels) * kNR;
-      const W* wg = ws + g * N * K;
-      float* yg = ys + g * M * N;
-      if (contract_last) GemmPanel<true>(xs, wg, yg, M, N, K, n0);
-      else GemmPanel<false>(xs, wg, yg, M, N, K, n0);
+      fn(u);
       job->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->units);
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), units);
   for (int64_t t = 1; t < threads; ++t)
     pool.Schedule([job, work]() {
       if (job->next.load() < job->units) work();
     });
   work();
   while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
+}
+
+template <typename W>
+void GemmAll(ffi::ThreadPool& pool, const float* x, const W* ws, float* ys, const Shapes& s,
+             bool contract_last) {
+  const int64_t M = s.M, K = s.K, N = s.N;
+  const int64_t panels = (N + kNR - 1) / kNR;
+  std::unique_ptr<RoundedX> rx;
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    rx = std::make_unique<RoundedX>(x, M, K);
+    x = rx->f32.data();
+#ifdef GEMMA_APP_DPBF16
+    const RoundedX& xb = *rx;
+    ParallelFor(pool, s.G * panels, [&](int64_t u) {
+      const int64_t g = u / panels, n0 = (u % panels) * kNR;
+      if (contract_last) GemmPanelDp<true>(xb, ws + g * N * K, ys + g * M * N, M, N, K, n0);
+      else GemmPanelDp<false>(xb, ws + g * N * K, ys + g * M * N, M, N, K, n0);
+    });
+    return;
+#endif
+  }
+  ParallelFor(pool, s.G * panels, [&](int64_t u) {
+    const int64_t g = u / panels, n0 = (u % panels) * kNR;
+    if (contract_last) GemmPanel<true>(x, ws + g * N * K, ys + g * M * N, M, N, K, n0);
+    else GemmPanel<false>(x, ws + g * N * K, ys + g * M * N, M, N, K, n0);
+  });
 }
 
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,

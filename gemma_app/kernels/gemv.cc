@@ -224,9 +224,10 @@ void RowsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restri
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < k32; k += 32) {
       __m512bh wv[R];
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
         wv[r] = (__m512bh)(r < rows ? _mm512_loadu_si512(w + (n + r) * K + k)
                                     : _mm512_setzero_si512());
+      }
       for (int m = 0; m < M; ++m) {
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * P + k / 2);
         for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
@@ -663,7 +664,21 @@ void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
       }
     }
   } else {  // w [K, N]: pair p interleaves rows 2p and 2p + 1 of w
-    for (int64_t p = 0; p < P; ++p) {
+    int64_t p = 0;
+    if (nr == kNR) {  // full panels: one two-source word permute per 16 outputs
+      alignas(64) static constexpr uint16_t kLo[32] = {
+          0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+          8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+      const __m512i lo = _mm512_load_si512(kLo);
+      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+      for (; 2 * p + 1 < K; ++p) {
+        const __m512i r0 = _mm512_loadu_si512(w + 2 * p * N + n0);
+        const __m512i r1 = _mm512_loadu_si512(w + (2 * p + 1) * N + n0);
+        _mm512_storeu_si512(panel + p * kNR, _mm512_permutex2var_epi16(r0, lo, r1));
+        _mm512_storeu_si512(panel + p * kNR + 16, _mm512_permutex2var_epi16(r0, hi, r1));
+      }
+    }
+    for (; p < P; ++p) {
       const uint16_t* r0 = w + 2 * p * N + n0;
       const uint16_t* r1 = 2 * p + 1 < K ? r0 + N : nullptr;
       for (int64_t j = 0; j < kNR; ++j)
@@ -672,16 +687,17 @@ void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
   }
 }
 
-// y[m0:m0+rows, n0:n0+nr] = x's pairs [rows, P] @ panel.
-void TileDp(const uint32_t* __restrict xp, int64_t P, int rows, const uint32_t* __restrict panel,
-            float* __restrict y, int64_t N, int64_t nr) {
+// y[m0:m0+rows, n0:n0+nr] (+)= x's pairs [rows, p0:p1] @ panel[p0:p1] (x's rows P apart).
+void TileDp(const uint32_t* __restrict xp, int64_t P, int64_t p0, int64_t p1, int rows,
+            const uint32_t* __restrict panel, float* __restrict y, int64_t N, int64_t nr,
+            bool add) {
   __m512 acc[kMRDp][2];
   const uint32_t* xr[kMRDp];
   for (int i = 0; i < kMRDp; ++i) {
     acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     xr[i] = xp + std::min(i, rows - 1) * P;  // pad rows: discarded
   }
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * kNR);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * kNR + 16);
     for (int i = 0; i < kMRDp; ++i) {
@@ -694,20 +710,27 @@ void TileDp(const uint32_t* __restrict xp, int64_t P, int rows, const uint32_t* 
     float out[kNR];
     _mm512_storeu_ps(out, acc[i][0]);
     _mm512_storeu_ps(out + 16, acc[i][1]);
-    std::copy(out, out + nr, y + i * N);
+    float* dst = y + i * N;
+    for (int64_t j = 0; j < nr; ++j) dst[j] = add ? dst[j] + out[j] : out[j];
   }
 }
 
 template <bool kLast>
 void GemmPanelDp(const RoundedX& x, const uint16_t* w, float* y, int64_t M, int64_t N,
                  int64_t K, int64_t n0) {
+  // Pairs per pass over the tiles: a 64 KB slice of the panel, reused by every tile from L2.
+  constexpr int64_t kPB = 512;
   thread_local std::vector<uint32_t> panel;
   if (static_cast<int64_t>(panel.size()) < x.P * kNR) panel.resize(x.P * kNR);
   PackPanelDp<kLast>(w, K, N, n0, panel.data());
   const int64_t nr = std::min<int64_t>(kNR, N - n0);
-  for (int64_t m = 0; m < M; m += kMRDp) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMRDp, M - m));
-    TileDp(x.pairs.data() + m * x.P, x.P, rows, panel.data(), y + m * N + n0, N, nr);
+  for (int64_t p0 = 0; p0 < x.P; p0 += kPB) {
+    const int64_t p1 = std::min(x.P, p0 + kPB);
+    for (int64_t m = 0; m < M; m += kMRDp) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMRDp, M - m));
+      TileDp(x.pairs.data() + m * x.P, x.P, p0, p1, rows, panel.data(), y + m * N + n0, N, nr,
+             p0 > 0);
+    }
   }
 }
 #endif

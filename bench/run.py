@@ -514,9 +514,10 @@ def render(results, supplements=None, notes=None) -> str:
         "weights included; ours and gemma make them leaf by leaf), in brackets the RSS right "
         "after the weights exist. *load* = 1-minute load average when the worker started → "
         "ended. *dtype*: fp32; bf16 = bf16 weights, computed in bf16 by HF and gemma, and by ours "
-        "as the engine serves a bf16 request (`engine.resolve_dtype`: fp32 math on CPU through "
-        "gemma_app/kernels; `compute_dtype` in the JSON); bf16-fp32 (ours only, `--dtypes`): "
-        "stored bf16, computed fp32.",
+        "as the engine serves a bf16 request (`engine.resolve_dtype`: fp32 activations on CPU; "
+        "gemma_app/kernels multiply the bf16 weights by bf16-rounded activations and sum in "
+        "fp32, as bf16 matmuls do on accelerators; `compute_dtype` in the JSON); bf16-fp32 "
+        "(ours only, `--dtypes`): stored bf16, fp32 activations (on CPU the same as bf16).",
         "",
         "## Targets (ratios from this run)",
         *targets(results),

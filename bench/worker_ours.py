@@ -59,7 +59,7 @@ from gemma_app.text.tokenizer import Tokenizer  # noqa: E402
 
 JNP = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 store, compute = common.DTYPES[args.dtype]
-if args.dtype == "bf16":  # what the engine serves for a bf16 request: fp32 math on CPU
+if args.dtype == "bf16":  # what the engine serves for a bf16 request: fp32 activations on CPU
     compute = "fp32" if resolve_dtype("bfloat16").compute_dtype == jnp.float32 else "bf16"
 N, REPS = args.new_tokens, args.reps
 INIT = os.environ.get("BENCH_OURS_INIT", "leaf")  # "flax": gemma_app's init_params

@@ -459,11 +459,15 @@ template <typename W>
 void Dispatch(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t G,
               int64_t N, int64_t K, bool contract_last) {
   const int64_t bytes = G * N * K * static_cast<int64_t>(sizeof(W));
+  auto run = [&](auto rows) {
+    constexpr int kM = decltype(rows)::value;
+    Launch<W, kM>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
+  };
   switch (M) {
-    case 1: return Launch<W, 1>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
-    case 2: return Launch<W, 2>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
-    case 3: return Launch<W, 3>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
-    default: return Launch<W, 4>(pool, {x, nullptr, nullptr, 0, w, y, G, N, K, contract_last, 1}, bytes);
+    case 1: return run(std::integral_constant<int, 1>());
+    case 2: return run(std::integral_constant<int, 2>());
+    case 3: return run(std::integral_constant<int, 3>());
+    default: return run(std::integral_constant<int, 4>());
   }
 }
 

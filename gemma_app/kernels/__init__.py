@@ -14,8 +14,9 @@ weights; on bf16 weights, x rounded to bf16 and fp32 sums (`_rounded_for`, what 
 computes on an accelerator; AVX512-BF16 CPUs run it at twice the fp32 rate):
   - at most `MAX_ROWS` rows of x (a decode step): weights read once at memory speed (XLA:CPU's
     own GEMV runs bf16 weights at ~1.5 GB/s);
-  - more rows (prefill chunks): a GEMM that widens panels of w in cache (XLA would need an
-    fp32 copy of every bf16 weight per chunk, and a sliced copy of every stacked layer).
+  - more rows (prefill chunks): a GEMM on panels of w packed in cache, widened to fp32 or, on
+    AVX512-BF16, kept as bf16 pairs (XLA would need an fp32 copy of every bf16 weight per
+    chunk, and a sliced copy of every stacked layer).
 Otherwise (GPUs, bf16 activations, `GEMMA_APP_KERNELS=0`, no compiler) they are XLA dots on
 the weights cast to x's dtype, with the same rounding of x. Both paths give the same numbers
 up to fp32 summation order (tests/test_kernels.py).

@@ -135,7 +135,11 @@ def test_decoder_uses_the_kernels_on_cpu():
         assert "gemma_app_gemm" in prefill and "gemma_app_gemv" not in prefill
 
 
-@pytest.mark.parametrize("make_config", [presets.tiny_gemma2, presets.tiny_gemma4])
+@pytest.mark.parametrize(
+    "make_config",
+    [presets.tiny_gemma2, pytest.param(presets.tiny_gemma4, marks=pytest.mark.slow)],
+    ids=lambda f: f.__name__,
+)  # Gemma 4 (MoE, PLE products) under -m slow: its four compilations take ~20 s
 def test_bf16_weights_cached_decode_equals_xla_forward(make_config, monkeypatch):
     """bf16-stored weights: prefill (GEMM) + decode (GEMV) == an uncached forward on XLA's dots
     (the accelerators' path: bf16-rounded x times bf16 w, fp32 sums) up to bf16 rounding, and

@@ -139,7 +139,7 @@ def _chunk_length(pad_length: Sequence[int], length: int, longest_block: int) ->
     return chunk
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)  # the cache: no copy
 def _first_token(program: _Program, logits, lengths, sampling, rng, cache):
     token, rng = _sample(program, logits, sampling, rng)
     done = jnp.isin(token, jnp.asarray(program.end_tokens)) | (lengths >= program.capacity)

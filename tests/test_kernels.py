@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gemma_app import kernels
+from gemma_app.jax_utils import CompileCounter
 from gemma_app.kernels import build
 from gemma_app.nn import presets
 from gemma_app.nn.attention import CACHE_CHUNK
@@ -44,6 +45,28 @@ def test_products_equal_fp64_reference(rows, dtype, last):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("last", [True, False], ids=["contract_last", "contract_first"])
+def test_prefill_products_skip_rows_past_the_needed_ones(dtype, last):
+    """`rows` (data, one compiled call for every value): the first `rows` rows equal the full
+    product's, later rows are zeros, and rows past the end or below zero are clamped."""
+    rng = np.random.default_rng(3)
+    g, n, k = 2, 40, 35
+    w = jnp.asarray(rng.standard_normal((g, n, k) if last else (g, k, n), np.float32))
+    w = w.astype(dtype)
+    x = jnp.asarray(rng.standard_normal((2, 13, k), np.float32))  # [B, T, K]: 26 rows
+    fn = jax.jit(kernels.contract_last if last else kernels.contract_first)
+    full = np.asarray(fn(x, w)).reshape(g, 26, n)
+    fn(x, w, jnp.int32(26))
+    with CompileCounter() as compiles:
+        for rows in (0, 1, 9, 13, 17, 26, 40, -3):
+            got = np.asarray(fn(x, w, jnp.int32(rows))).reshape(g, 26, n)
+            used = min(max(rows, 0), 26)
+            np.testing.assert_array_equal(got[:, :used], full[:, :used])
+            np.testing.assert_array_equal(got[:, used:], 0.0)
+    assert compiles.count == 0
+
+
 def test_portable_bf16_loops_equal_the_reference(tmp_path):
     """The library built without its AVX512-BF16 loops (what a CPU without them runs) gives the
     same products: bf16-rounded x, fp32 sums."""
@@ -64,7 +87,8 @@ def test_portable_bf16_loops_equal_the_reference(tmp_path):
         target = "gemma_app_gemv" if rows <= kernels.MAX_ROWS else "gemma_app_gemm"
         out = jax.ShapeDtypeStruct((g, rows, n), jnp.float32)
         call = jax.ffi.ffi_call(target + "_portable", out)
-        got = call(x, w, jnp.int32(0), contract_last=last)
+        rows_operand = (jnp.int32(rows),) if target == "gemma_app_gemm" else ()
+        got = call(x, w, jnp.int32(0), *rows_operand, contract_last=last)
         want = _reference(x, w, last)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
@@ -226,14 +250,14 @@ def test_ffi_targets_reject_mismatched_shapes():
     x = jnp.ones((1, 8), jnp.float32)
     w = jnp.ones((2, 4, 9), jnp.bfloat16)  # two layers of [4, 9]; contraction 9 != 8
     layer = jnp.int32(0)
-    for target in ("gemma_app_gemv", "gemma_app_gemm"):
+    for target, extra in (("gemma_app_gemv", ()), ("gemma_app_gemm", (jnp.int32(1),))):
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((1, 1, 4), jnp.float32))
         with pytest.raises(Exception, match="contraction sizes"):
-            jax.block_until_ready(call(x, w, layer, contract_last=True))
+            jax.block_until_ready(call(x, w, layer, *extra, contract_last=True))
         x9 = jnp.ones((1, 9), jnp.float32)
         for bad in (-1, 2):  # a layer outside the stack
             with pytest.raises(Exception, match="layer index out of range"):
-                jax.block_until_ready(call(x9, w, jnp.int32(bad), contract_last=True))
+                jax.block_until_ready(call(x9, w, jnp.int32(bad), *extra, contract_last=True))
     too_many = jax.ffi.ffi_call("gemma_app_gemv", jax.ShapeDtypeStruct((1, 5, 4), jnp.float32))
     with pytest.raises(Exception, match="1 to 4 rows"):
         jax.block_until_ready(too_many(jnp.ones((5, 9), jnp.float32), w, layer, contract_last=True))

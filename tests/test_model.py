@@ -1,6 +1,7 @@
 """The decoder: parameter trees of every preset, golden RMSNorm/RoPE values, cache invariants."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from gemma_app import kernels
 from gemma_app.nn import presets
 from gemma_app.nn.attention import CACHE_CHUNK, attention_mask
 from gemma_app.nn.layers import RMSNorm
@@ -257,6 +259,46 @@ def test_right_padded_rows_do_not_leak():
     )
     alone = forward(cfg, params, prompt[None])
     np.testing.assert_allclose(logits[1], alone[0, -1], atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("stacked", "dtype"), [(False, jnp.float32), (True, jnp.bfloat16)], ids=["fp32", "bf16"]
+)
+def test_padding_skipped_by_num_real_changes_no_real_output(stacked, dtype):
+    """A prompt padded to its bucket with `num_real` set: the weight products skip the padding,
+    and the logits and the real tokens' cache slots equal those of the fully computed chunk,
+    bit for bit; the padding's slots stay finite (later chunks of attention read them)."""
+    cfg = presets.tiny_gemma3()
+    params = jax.tree.map(lambda a: a.astype(dtype), init_params(cfg, seed=5))
+    params = stack_layers(cfg, params) if stacked else params
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.num_embed, (1, 32)))
+    pos = jnp.arange(32)[None]
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def prefill(n, cache, skip):
+        return Transformer(cfg).apply(
+            {"params": params}, tokens, pos, cache, logits_at=jnp.array([n - 1]),
+            num_real=n if skip else None,
+        )  # fmt: skip
+
+    def leaves(cache):  # [..., S, K, H] per layer, slots on axis -3
+        return [np.asarray(x) for x in jax.tree.leaves(cache)]
+
+    new_cache = lambda: init_cache(cfg, batch=1, cache_length=CACHE_CHUNK, stacked=stacked)  # noqa: E731
+    for n in (5, 13, 32):
+        full, full_cache = prefill(jnp.int32(n), new_cache(), False)
+        got, got_cache = prefill(jnp.int32(n), new_cache(), True)
+        np.testing.assert_array_equal(got, full)
+        for a, b in zip(leaves(got_cache), leaves(full_cache), strict=True):
+            np.testing.assert_array_equal(a[..., :n, :, :], b[..., :n, :, :])
+            assert np.isfinite(a).all()
+            if kernels.build.load():  # skipped for real: zero rows give zero k and v
+                assert not a[..., n:, :, :].any()
+    with pytest.raises(ValueError, match="batch of one row"):
+        Transformer(cfg).apply(
+            {"params": params}, jnp.tile(tokens, (2, 1)), jnp.tile(pos, (2, 1)),
+            logits_at=jnp.array([4, 4]), num_real=jnp.int32(5),
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["layer_cache", "stacked_cache"])

@@ -70,17 +70,23 @@ class LayerSlice:
         return self.value().astype(dtype)
 
 
-def contract_last(x: jax.Array, w: jax.Array | LayerSlice) -> jax.Array:
-    """x [..., K] @ w[..., N, K]^T: [..., K], [N, K] -> [..., N]; [G, N, K] -> [G, ..., N]."""
-    return _product(x, w, last=True)
+def contract_last(x: jax.Array, w: jax.Array | LayerSlice, rows: jax.Array | None = None):
+    """x [..., K] @ w[..., N, K]^T: [..., K], [N, K] -> [..., N]; [G, N, K] -> [G, ..., N].
+
+    `rows` (int32 scalar, data): only the first `rows` of x's rows, flattened over its leading
+    axes, are needed (a prompt padded to its bucket). Output rows past them are unspecified but
+    finite: the prefill kernel skips them and writes zeros; other paths compute them.
+    """
+    return _product(x, w, rows, last=True)
 
 
-def contract_first(x: jax.Array, w: jax.Array | LayerSlice) -> jax.Array:
-    """x [..., K] @ w: [..., K], [K, N] -> [..., N]; [G, K, N] -> [G, ..., N]."""
-    return _product(x, w, last=False)
+def contract_first(x: jax.Array, w: jax.Array | LayerSlice, rows: jax.Array | None = None):
+    """x [..., K] @ w: [..., K], [K, N] -> [..., N]; [G, K, N] -> [G, ..., N]. `rows`: as in
+    `contract_last`."""
+    return _product(x, w, rows, last=False)
 
 
-def _product(x: jax.Array, w: jax.Array | LayerSlice, *, last: bool) -> jax.Array:
+def _product(x: jax.Array, w: jax.Array | LayerSlice, rows, *, last: bool) -> jax.Array:
     groups = w.shape[0] if w.ndim == 3 else 1
     if isinstance(w, LayerSlice):  # [L, G?, a, b] -> [L * G, a, b]: merging major axes is free
         stack, layer = w.stacked.reshape(-1, *w.shape[-2:]), w.layer.astype(jnp.int32)
@@ -93,8 +99,9 @@ def _product(x: jax.Array, w: jax.Array | LayerSlice, *, last: bool) -> jax.Arra
     if target is None:
         y = xla(x2, stack, layer)
     else:
+        rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32)
         cpu = functools.partial(_kernel, target=target, groups=groups, last=last)
-        y = jax.lax.platform_dependent(x2, stack, layer, cpu=cpu, default=xla)
+        y = jax.lax.platform_dependent(x2, stack, layer, rows, cpu=cpu, default=xla)
     y = y.reshape(groups, *lead, -1)  # [G, ..., N]
     return y if w.ndim == 3 else y[0]
 
@@ -109,7 +116,7 @@ def _target(x2: jax.Array, stack: jax.Array) -> str | None:
     return target if build.load() else None
 
 
-def _xla(x2: jax.Array, stack: jax.Array, layer: jax.Array, *, groups: int, last: bool):
+def _xla(x2: jax.Array, stack: jax.Array, layer: jax.Array, rows=None, *, groups: int, last: bool):
     """stack [L * G, a, b]: layer `layer`'s [G, a, b] times x2 [M, K] -> [G, M, N]."""
     if stack.shape[0] == groups:
         w3 = stack
@@ -134,8 +141,11 @@ def _rounded_for(x2: jax.Array, weight_dtype) -> jax.Array:
     return x2
 
 
-def _kernel(x2, stack, layer, *, target: str, groups: int, last: bool) -> jax.Array:
+def _kernel(x2, stack, layer, rows, *, target: str, groups: int, last: bool) -> jax.Array:
     _, a, b = stack.shape
     out = jax.ShapeDtypeStruct((groups, x2.shape[0], a if last else b), jnp.float32)
-    y = jax.ffi.ffi_call(target, out)(x2.astype(jnp.float32), stack, layer, contract_last=last)
+    operands = (x2.astype(jnp.float32), stack, layer)
+    if target == "gemma_app_gemm":  # the decode GEMV takes every row (at most MAX_ROWS)
+        operands += (rows,)
+    y = jax.ffi.ffi_call(target, out)(*operands, contract_last=last)
     return y.astype(x2.dtype)

@@ -9,7 +9,8 @@
 // share w's leading axis because a separate unit axis can make XLA copy the whole stack into
 // another layout on every call.)
 //
-// GemmaAppGemv: M <= 4 rows (decode steps). GemmaAppGemm: any M (prefill chunks).
+// GemmaAppGemv: M <= 4 rows (decode steps). GemmaAppGemm: any M (prefill chunks), of which only
+// the first `rows` (an int32 operand) are computed.
 //
 // A decode step reads every weight once, so it runs at the speed memory delivers them. XLA:CPU
 // reaches ~35 GB/s on an fp32 GEMV here and ~1.5 GB/s on a bf16 one (bench/README.md); these
@@ -767,10 +768,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t units, const Fn& fn) {
   while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
 }
 
+// y [G, s.M, N]: rows [0, M) of each g; x's rows past M are never read.
 template <typename W>
 void GemmAll(ffi::ThreadPool& pool, const float* x, const W* ws, float* ys, const Shapes& s,
-             bool contract_last) {
-  const int64_t M = s.M, K = s.K, N = s.N;
+             int64_t M, bool contract_last) {
+  const int64_t K = s.K, N = s.N, stride = s.M * N;
   const int64_t panels = (N + kNR - 1) / kNR;
   std::unique_ptr<RoundedX> rx;
   if constexpr (std::is_same_v<W, uint16_t>) {
@@ -779,8 +781,8 @@ void GemmAll(ffi::ThreadPool& pool, const float* x, const W* ws, float* ys, cons
     const RoundedX& xb = *rx;
     ParallelFor(pool, s.G * panels, [&](int64_t u) {
       const int64_t g = u / panels, n0 = (u % panels) * kNR;
-      if (contract_last) GemmPanelDp<true>(xb, ws + g * N * K, ys + g * M * N, M, N, K, n0);
-      else GemmPanelDp<false>(xb, ws + g * N * K, ys + g * M * N, M, N, K, n0);
+      if (contract_last) GemmPanelDp<true>(xb, ws + g * N * K, ys + g * stride, M, N, K, n0);
+      else GemmPanelDp<false>(xb, ws + g * N * K, ys + g * stride, M, N, K, n0);
     });
     return;
 #else
@@ -790,20 +792,30 @@ void GemmAll(ffi::ThreadPool& pool, const float* x, const W* ws, float* ys, cons
   }
   ParallelFor(pool, s.G * panels, [&](int64_t u) {
     const int64_t g = u / panels, n0 = (u % panels) * kNR;
-    if (contract_last) GemmPanel<true>(x, ws + g * N * K, ys + g * M * N, M, N, K, n0);
-    else GemmPanel<false>(x, ws + g * N * K, ys + g * M * N, M, N, K, n0);
+    if (contract_last) GemmPanel<true>(x, ws + g * N * K, ys + g * stride, M, N, K, n0);
+    else GemmPanel<false>(x, ws + g * N * K, ys + g * stride, M, N, K, n0);
   });
 }
 
+// `rows` (an int32 scalar, data): only x's first `rows` rows are needed, e.g. the real tokens
+// of a prompt padded to its bucket length. Their products are computed; y's later rows are
+// zeros (finite, so padding never turns into NaN in the KV cache).
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
+                ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                ffi::ResultBuffer<ffi::F32> y, bool contract_last) {
   Shapes s;
   ffi::Error err = ReadShapes(x.dimensions(), w.dimensions(), y->dimensions(), layer,
                               contract_last, s);
   if (err.failure()) return err;
+  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("rows must be a scalar");
   if (s.M * s.K == 0 || s.G * s.N == 0) return ffi::Error::Success();
+  const int64_t used = std::clamp<int64_t>(*rows.typed_data(), 0, s.M);
+  float* yd = y->typed_data();
+  for (int64_t g = 0; g < s.G; ++g)
+    std::fill(yd + (g * s.M + used) * s.N, yd + (g + 1) * s.M * s.N, 0.f);
+  if (used == 0) return ffi::Error::Success();
   return WithLayerWeights(w, s, [&](const auto* wl) {
-    GemmAll(pool, x.typed_data(), wl, y->typed_data(), s, contract_last);
+    GemmAll(pool, x.typed_data(), wl, yd, s, used, contract_last);
   });
 }
 
@@ -823,6 +835,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemm, Gemm,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contract_last"));

@@ -207,24 +207,26 @@ class Attention(nn.Module):
         segments: jax.Array | None = None,
         seg_cache: jax.Array | None = None,
         layer: jax.Array | None = None,
+        rows: jax.Array | None = None,
     ) -> tuple[LayerCache | None, jax.Array]:
         """x [B, T, D], positions [B, T] -> (updated cache, [B, T, D]).
 
         `segments` [B, T] numbers the image blocks of the input (0 = text); `seg_cache` [B, S]
         is the same for every cache slot, already holding this call's tokens. `layer`: this
-        layer's index when `attn_type` is None.
+        layer's index when `attn_type` is None. `rows`: only the first `rows` of the B * T
+        tokens are real; the others are padding (their outputs and cache slots unspecified).
         """
         cfg = self.config
         n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
         pd = self.param_dtype
         if cfg.use_qkv_einsum:
             w = Weight((3, n, d, h), param_dtype=pd, name="qkv_einsum")()
-            q, k, v = jnp.moveaxis(project_heads(x, w), 1, 3)  # each [B, T, N(=K), H]
+            q, k, v = jnp.moveaxis(project_heads(x, w, rows), 1, 3)  # each [B, T, N(=K), H]
         else:
             w_q = Weight((n, d, h), param_dtype=pd, name="q_einsum")()
-            q = jnp.moveaxis(project_heads(x, w_q), 0, 2)  # [B, T, N, H]
+            q = jnp.moveaxis(project_heads(x, w_q, rows), 0, 2)  # [B, T, N, H]
             w_kv = Weight((2, k_heads, d, h), param_dtype=pd, name="kv_einsum")()
-            k, v = jnp.moveaxis(project_heads(x, w_kv), 1, 3)  # each [B, T, K, H]
+            k, v = jnp.moveaxis(project_heads(x, w_kv, rows), 1, 3)  # each [B, T, K, H]
         if cfg.use_qk_norm:
             q = RMSNorm(param_dtype=pd, name="_query_norm")(q)
             k = RMSNorm(param_dtype=pd, name="_key_norm")(k)
@@ -248,4 +250,4 @@ class Attention(nn.Module):
             )  # fmt: skip
         o = o.reshape(*o.shape[:2], n, h)  # [B, T, N, H]
         w_o = Weight((n, h, d), param_dtype=pd, in_axis=(0, 1), name="attn_vec_einsum")()
-        return cache, merge_heads(o, w_o)
+        return cache, merge_heads(o, w_o, rows)

@@ -38,21 +38,23 @@ class Weight(nn.Module):
         return w if dtype is None else w.astype(dtype)
 
 
-def project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
+def project_heads(x: jax.Array, w: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """x [B, T, D] @ w [*lead, D, H] -> [*lead, B, T, H], the heads a batch axis of the product.
+
+    `rows`: only the first `rows` of the B * T rows are needed (see `kernels.contract_last`).
 
     Never `einsum("btd,ndh->btnh")`: XLA:CPU would transpose w (D is not its outermost axis)
     on every call, a full copy of the attention weights per decode step.
     """
     *lead, d, h = w.shape
-    y = kernels.contract_first(x, w.reshape(-1, d, h))  # leading axes merge for free
+    y = kernels.contract_first(x, w.reshape(-1, d, h), rows)  # leading axes merge for free
     return y.reshape(*lead, *x.shape[:2], h)
 
 
-def merge_heads(o: jax.Array, w: jax.Array) -> jax.Array:
+def merge_heads(o: jax.Array, w: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """o [B, T, N, H] @ w [N, H, D] -> [B, T, D] as one [N*H, D] product (no weight copy)."""
     n, h, d = w.shape
-    return kernels.contract_first(o.reshape(*o.shape[:2], n * h), w.reshape(n * h, d))
+    return kernels.contract_first(o.reshape(*o.shape[:2], n * h), w.reshape(n * h, d), rows)
 
 
 class RMSNorm(nn.Module):
@@ -114,23 +116,24 @@ class FeedForward(nn.Module):
     hidden_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; `rows`: as in `kernels.contract_last`."""
         d, f = self.config.embed_dim, self.hidden_dim or self.config.hidden_dim
         scaled = functools.partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal")
         if self.config.transpose_gating_einsum:  # stored (2, F, D)
             w = self.param(
                 "gating_einsum", scaled(in_axis=-1, out_axis=-2), (2, f, d), self.param_dtype
             )
-            gates = kernels.contract_last(x, w)  # [2, B, T, F]
+            gates = kernels.contract_last(x, w, rows)  # [2, B, T, F]
         else:  # stored (2, D, F): Gemma 1 and Gemma 2 2B
             w = self.param(
                 "gating_einsum", scaled(in_axis=-2, out_axis=-1), (2, d, f), self.param_dtype
             )
-            gates = kernels.contract_first(x, w)  # [2, B, T, F]
+            gates = kernels.contract_first(x, w, rows)  # [2, B, T, F]
         # tanh-approximated GELU, as flax.linen.gelu's default and HF's gelu_pytorch_tanh.
         hidden = jax.nn.gelu(gates[0], approximate=True) * gates[1]  # [B, T, F]
         linear = self.param("linear", scaled(in_axis=-2, out_axis=-1), (f, d), self.param_dtype)
-        return kernels.contract_first(hidden, linear)
+        return kernels.contract_first(hidden, linear, rows)
 
 
 class Embedder(nn.Module):

@@ -46,16 +46,16 @@ class Block(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache, segments=None, seg_cache=None, layer=None):
+    def __call__(self, x, positions, cache, segments=None, seg_cache=None, layer=None, rows=None):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(param_dtype=pd, name="pre_attention_norm")(x)
         attn = Attention(cfg, self.attn_type, param_dtype=pd, name="attn")
-        cache, a = attn(h, positions, cache, segments, seg_cache, layer)
+        cache, a = attn(h, positions, cache, segments, seg_cache, layer, rows)
         if cfg.use_post_attn_norm:
             a = RMSNorm(param_dtype=pd, name="post_attention_norm")(a)
         x = x + a
         f = FeedForward(cfg, param_dtype=pd, name="mlp")(
-            RMSNorm(param_dtype=pd, name="pre_ffw_norm")(x)
+            RMSNorm(param_dtype=pd, name="pre_ffw_norm")(x), rows
         )
         if cfg.use_post_ffw_norm:
             f = RMSNorm(param_dtype=pd, name="post_ffw_norm")(f)
@@ -79,6 +79,7 @@ class Transformer(nn.Module):
         logits_at: jax.Array | None = None,
         mm_embeddings: jax.Array | None = None,
         segments: jax.Array | None = None,
+        num_real: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Runs the decoder.
 
@@ -92,6 +93,10 @@ class Transformer(nn.Module):
             token embeddings wherever `segments > 0`.
           segments: [B, T] image block of each token (1, 2, ... per image; 0 for text): tokens
             of one image attend to each other both ways.
+          num_real: optional int32 scalar, batch 1 only: tokens past the first `num_real` are
+            padding (a prompt padded to its bucket). The weight products skip them, so a
+            100-token prompt in a 128 bucket costs ~100 rows; their outputs, and the cache
+            slots they write, are unspecified but finite. Gemma 4 computes them all.
 
         Returns:
           (logits [B, T, V] or [B, V] in float32, updated cache or None).
@@ -108,6 +113,9 @@ class Transformer(nn.Module):
             soft = (segments > 0)[..., None]
             x = embedder.encode(jnp.where(segments > 0, 0, tokens), self.dtype)
             x = jnp.where(soft, mm_embeddings.astype(self.dtype), x)
+        if num_real is not None and tokens.shape[0] != 1:
+            raise ValueError(f"num_real is for a batch of one row, not {tokens.shape[0]}")
+        real_rows = None if num_real is None else jnp.asarray(num_real, jnp.int32)
         seg_cache = None
         new_cache = None if cache is None else {}
         if cache is not None and "segments" in cache:
@@ -116,7 +124,9 @@ class Transformer(nn.Module):
             seg_cache = cache["segments"].at[rows, positions].set(seg, mode="drop")
             new_cache["segments"] = seg_cache
         if self.has_variable("params", "layers"):
-            x, stacked_cache = self._scan_blocks(x, positions, cache, segments, seg_cache)
+            x, stacked_cache = self._scan_blocks(
+                x, positions, cache, segments, seg_cache, real_rows
+            )
             if cache is not None:
                 new_cache["layers"] = stacked_cache
         else:
@@ -124,7 +134,9 @@ class Transformer(nn.Module):
                 name = f"layer_{i}"
                 layer_cache = None if cache is None else cache[name]
                 block = Block(cfg, attn_type, param_dtype=pd, name=name)
-                layer_cache, x = block(x, positions, layer_cache, segments, seg_cache)
+                layer_cache, x = block(
+                    x, positions, layer_cache, segments, seg_cache, None, real_rows
+                )
                 if cache is not None:
                     new_cache[name] = layer_cache
         if logits_at is not None:
@@ -136,7 +148,7 @@ class Transformer(nn.Module):
             logits = c * jnp.tanh(logits / c)
         return logits, new_cache
 
-    def _scan_blocks(self, x, positions, cache, segments, seg_cache):
+    def _scan_blocks(self, x, positions, cache, segments, seg_cache, rows):
         """The blocks over stacked params `layers/...` [L, ...]: one compiled body for all."""
         cfg = self.config
         stacked = self.variables["params"]["layers"]
@@ -149,7 +161,9 @@ class Transformer(nn.Module):
             params = jax.tree.map(
                 lambda a: kernels.LayerSlice(a, layer) if a.ndim >= 3 else a[layer], stacked
             )
-            kv, x = block.apply({"params": params}, x, positions, kv, segments, seg_cache, layer)
+            kv, x = block.apply(
+                {"params": params}, x, positions, kv, segments, seg_cache, layer, rows
+            )
             return (x, kv), None
 
         kv = None if cache is None else cache["layers"]

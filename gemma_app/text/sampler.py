@@ -80,12 +80,15 @@ def _sample(program: _Program, logits, sampling, rng):
 def _prefill_chunk(program: _Program, params, cache, tokens, start, logits_at, mm=None, seg=None):
     """Writes one padded chunk of prompt tokens [B, P] at slots start[b] + arange(P).
 
+    `logits_at[b]`: the chunk index of row b's last prompt token, or P - 1 where the prompt goes
+    on past the chunk. With one row, the tokens after it are padding: the model skips them.
     `mm` [B, P, D] and `seg` [B, P] carry image soft tokens and their blocks (None: text).
     """
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+    num_real = logits_at[0] + 1 if tokens.shape[0] == 1 else None
     logits, cache = program.model.apply(
         {"params": params}, tokens, positions, cache, logits_at=logits_at,
-        mm_embeddings=mm, segments=seg,
+        mm_embeddings=mm, segments=seg, num_real=num_real,
     )  # fmt: skip
     return logits, cache
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 import jax.monitoring
@@ -49,6 +50,7 @@ class CompileCounter:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
+@functools.cache
 def _libc():
     try:
         libc = ctypes.CDLL(None)

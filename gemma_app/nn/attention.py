@@ -214,7 +214,7 @@ class Attention(nn.Module):
         `segments` [B, T] numbers the image blocks of the input (0 = text); `seg_cache` [B, S]
         is the same for every cache slot, already holding this call's tokens. `layer`: this
         layer's index when `attn_type` is None. `rows`: only the first `rows` of the B * T
-        tokens are real; the others are padding (their outputs and cache slots unspecified).
+        tokens are real; the others are padding (outputs and cache slots unspecified, finite).
         """
         cfg = self.config
         n, k_heads, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim

@@ -698,32 +698,40 @@ void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
   }
 }
 
-// y[m0:m0+rows, n0:n0+nr] (+)= x's pairs [rows, p0:p1] @ panel[p0:p1] (x's rows P apart).
-void TileDp(const uint32_t* __restrict xp, int64_t P, int64_t p0, int64_t p1, int rows,
+// y[m0:m0+R, n0:n0+nr] (+)= x's pairs [R, p0:p1] @ panel[p0:p1] (x's rows P apart). R is a
+// template argument so the last tile of a chunk (100 rows: 12 x 8 + 4) computes only its rows.
+template <int R>
+void TileDp(const uint32_t* __restrict xp, int64_t P, int64_t p0, int64_t p1,
             const uint32_t* __restrict panel, float* __restrict y, int64_t N, int64_t nr,
             bool add) {
-  __m512 acc[kMRDp][2];
-  const uint32_t* xr[kMRDp];
-  for (int i = 0; i < kMRDp; ++i) {
-    acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    xr[i] = xp + std::min(i, rows - 1) * P;  // pad rows: discarded
-  }
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t p = p0; p < p1; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * kNR);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * kNR + 16);
-    for (int i = 0; i < kMRDp; ++i) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xr[i][p]));
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[i * P + p]));
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
     }
   }
-  for (int i = 0; i < rows; ++i) {
+  for (int i = 0; i < R; ++i) {
     float out[kNR];
     _mm512_storeu_ps(out, acc[i][0]);
     _mm512_storeu_ps(out + 16, acc[i][1]);
     float* dst = y + i * N;
     for (int64_t j = 0; j < nr; ++j) dst[j] = add ? dst[j] + out[j] : out[j];
   }
+}
+
+// TileDp for `rows` in [1, kMRDp].
+template <int R = kMRDp>
+void TileDpRows(int rows, const uint32_t* xp, int64_t P, int64_t p0, int64_t p1,
+                const uint32_t* panel, float* y, int64_t N, int64_t nr, bool add) {
+  if constexpr (R > 1) {
+    if (rows < R) return TileDpRows<R - 1>(rows, xp, P, p0, p1, panel, y, N, nr, add);
+  }
+  TileDp<R>(xp, P, p0, p1, panel, y, N, nr, add);
 }
 
 template <bool kLast>
@@ -739,8 +747,8 @@ void GemmPanelDp(const RoundedX& x, const uint16_t* w, float* y, int64_t M, int6
     const int64_t p1 = std::min(x.P, p0 + kPB);
     for (int64_t m = 0; m < M; m += kMRDp) {
       const int rows = static_cast<int>(std::min<int64_t>(kMRDp, M - m));
-      TileDp(x.pairs.data() + m * x.P, x.P, p0, p1, rows, panel.data(), y + m * N + n0, N, nr,
-             p0 > 0);
+      TileDpRows(rows, x.pairs.data() + m * x.P, x.P, p0, p1, panel.data(), y + m * N + n0, N,
+                 nr, p0 > 0);
     }
   }
 }

@@ -301,6 +301,30 @@ def test_padding_skipped_by_num_real_changes_no_real_output(stacked, dtype):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("queries", [8, 100, 128])
+def test_a_prompt_chunk_reads_only_the_key_slots_it_needs(queries):
+    """A prompt at the start of a chat reads key_chunk(T) slots (64 for 8 queries, 128 for up
+    to 128), not CACHE_CHUNK: NaN in every slot past them would poison the output."""
+    from gemma_app.nn.attention import chunked_attention, dense_attention, key_chunk
+
+    t = 1 << (queries - 1).bit_length()  # the bucket the sampler pads to
+    size = key_chunk(t)
+    assert size == max(64, t) < CACHE_CHUNK
+    assert (key_chunk(1), key_chunk(512), key_chunk(300)) == (CACHE_CHUNK,) * 3
+    b, k_heads, g, h, slots = 1, 1, 2, 8, 2 * CACHE_CHUNK
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((b, slots, k_heads, h)).astype(np.float32)
+    v = rng.standard_normal((b, slots, k_heads, h)).astype(np.float32)
+    k[:, t:size] = v[:, t:size] = 0.0  # read but masked: must be finite
+    k[:, size:] = v[:, size:] = np.nan  # never read
+    q = jnp.asarray(rng.standard_normal((b, t, k_heads, g, h)), jnp.float32)
+    pos = jnp.arange(t)[None, :]
+    out = chunked_attention(q, jnp.asarray(k), jnp.asarray(v), pos, window=None, cap=None)
+    assert np.isfinite(np.asarray(out)).all()
+    ref = dense_attention(q, k[:, :t], v[:, :t], pos, pos, window=None, cap=None)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["layer_cache", "stacked_cache"])
 @pytest.mark.parametrize("window", [None, 20])
 def test_decode_reads_only_the_used_cache_chunks(window, stacked):

@@ -31,6 +31,7 @@ from gemma_app.nn import gemma4
 from gemma_app.nn.attention import CACHE_CHUNK, Attention, init_layer_cache
 from gemma_app.nn.config import AttentionType, TransformerConfig
 from gemma_app.nn.layers import Embedder, FeedForward, RMSNorm
+from gemma_app.nn.rope import RopeTables, rope_tables
 
 Cache = dict[str, dict[str, jax.Array]]
 
@@ -46,11 +47,13 @@ class Block(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache, segments=None, seg_cache=None, layer=None, rows=None):
+    def __call__(
+        self, x, positions, cache, segments=None, seg_cache=None, layer=None, rows=None, rope=None
+    ):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(param_dtype=pd, name="pre_attention_norm")(x)
         attn = Attention(cfg, self.attn_type, param_dtype=pd, name="attn")
-        cache, a = attn(h, positions, cache, segments, seg_cache, layer, rows)
+        cache, a = attn(h, positions, cache, segments, seg_cache, layer, rows, rope)
         if cfg.use_post_attn_norm:
             a = RMSNorm(param_dtype=pd, name="post_attention_norm")(a)
         x = x + a
@@ -123,9 +126,10 @@ class Transformer(nn.Module):
             seg = jnp.zeros_like(tokens) if segments is None else segments
             seg_cache = cache["segments"].at[rows, positions].set(seg, mode="drop")
             new_cache["segments"] = seg_cache
+        rope = _rope_by_type(cfg, positions)
         if self.has_variable("params", "layers"):
             x, stacked_cache = self._scan_blocks(
-                x, positions, cache, segments, seg_cache, real_rows
+                x, positions, cache, segments, seg_cache, real_rows, rope
             )
             if cache is not None:
                 new_cache["layers"] = stacked_cache
@@ -135,8 +139,9 @@ class Transformer(nn.Module):
                 layer_cache = None if cache is None else cache[name]
                 block = Block(cfg, attn_type, param_dtype=pd, name=name)
                 layer_cache, x = block(
-                    x, positions, layer_cache, segments, seg_cache, None, real_rows
-                )
+                    x, positions, layer_cache, segments, seg_cache, None, real_rows,
+                    rope[attn_type],
+                )  # fmt: skip
                 if cache is not None:
                     new_cache[name] = layer_cache
         if logits_at is not None:
@@ -148,11 +153,15 @@ class Transformer(nn.Module):
             logits = c * jnp.tanh(logits / c)
         return logits, new_cache
 
-    def _scan_blocks(self, x, positions, cache, segments, seg_cache, rows):
+    def _scan_blocks(self, x, positions, cache, segments, seg_cache, rows, rope):
         """The blocks over stacked params `layers/...` [L, ...]: one compiled body for all."""
         cfg = self.config
         stacked = self.variables["params"]["layers"]
         block = Block(cfg, None, param_dtype=self.param_dtype)
+        # Each layer's RoPE tables, picked from the stack of its type's by a traced index.
+        types = list(rope)
+        kind = jnp.asarray([types.index(t) for t in cfg.attention_types], jnp.int32)  # [L]
+        tables = jax.tree.map(lambda *t: jnp.stack(t), *rope.values())  # [types, B, T, 1, H/2]
 
         def step(carry, layer):
             x, kv = carry
@@ -161,8 +170,9 @@ class Transformer(nn.Module):
             params = jax.tree.map(
                 lambda a: kernels.LayerSlice(a, layer) if a.ndim >= 3 else a[layer], stacked
             )
+            layer_rope = jax.tree.map(lambda t: t[kind[layer]], tables)
             kv, x = block.apply(
-                {"params": params}, x, positions, kv, segments, seg_cache, layer, rows
+                {"params": params}, x, positions, kv, segments, seg_cache, layer, rows, layer_rope
             )
             return (x, kv), None
 
@@ -170,6 +180,15 @@ class Transformer(nn.Module):
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, kv), _ = jax.lax.scan(step, (x, kv), layers)
         return x, kv
+
+
+def _rope_by_type(cfg: TransformerConfig, positions: jax.Array) -> dict[AttentionType, RopeTables]:
+    """RoPE tables of `positions` per attention type of the decoder, once per forward."""
+    return {
+        t: rope_tables(positions, cfg.head_dim, base_frequency=b, scale_factor=s)
+        for t in dict.fromkeys(cfg.attention_types)
+        for b, s in [cfg.rope_base_and_scale(t)]
+    }
 
 
 def cache_slots(cache_length: int) -> int:

@@ -660,6 +660,11 @@ void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
   const int64_t nr = std::min<int64_t>(kNR, N - n0), P = (K + 1) / 2;
   auto pair = [](uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_t>(hi) << 16; };
   if (kLast) {  // w [N, K]: output j's row, read in pairs, becomes column j of the panel
+    // The panel's rows are one contiguous block of w. Requested front to back before the
+    // transpose walks it 32 rows abreast (more streams than the hardware prefetcher follows),
+    // it arrives from memory sooner: Gemma 3 1B's gate product ran 4-7% faster.
+    const char* block = reinterpret_cast<const char*>(w + n0 * K);
+    for (int64_t b = 0; b < nr * K * 2; b += 64) _mm_prefetch(block + b, _MM_HINT_T0);
     int64_t start = 0;  // full panels: 16 x 16 blocks of whole pairs, then the pairs left
     if (nr == kNR)
       TransposeRows32(reinterpret_cast<const char*>(w + n0 * K), K * 2, K / 2, panel, &start);

@@ -181,7 +181,11 @@ def _decode_loop(program: _Program, params, state: DecodeState, sampling, max_ou
 
     def body(carry):
         step, state, out = carry
-        state = _step(program, params, state, sampling)
+        # Tied to the step counter, the weights look loop-variant to XLA, which then leaves
+        # each cast where it is used. Otherwise it hoists the fp32 cast XLA:CPU gathers a bf16
+        # embedding through out of the loop: the whole table, every call (270M: 670 MB, ~150 ms).
+        step, weights = jax.lax.optimization_barrier((step, params))
+        state = _step(program, weights, state, sampling)
         return step + 1, state, out.at[:, step].set(state.token)
 
     steps, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
@@ -418,7 +422,7 @@ class Sampler:
         start = np.asarray(state.lengths)
         state, out, steps = _decode_loop(
             self.program, self.params, state, sampling or self.sampling, self.max_out_length,
-            jnp.int32(max_new_tokens),
+            np.int32(max_new_tokens),
         )  # fmt: skip
         out, steps, lengths = np.asarray(out), int(steps), np.asarray(state.lengths)
         tokens, ended = [], []

@@ -213,7 +213,7 @@ def init_cache(
     """
     slots = cache_slots(cache_length)
     if stacked:
-        one = init_layer_cache(config, batch, slots, dtype)
+        one = jax.eval_shape(lambda: init_layer_cache(config, batch, slots, dtype))  # no zeros
         cache = {
             "layers": {n: jnp.zeros((config.num_layers, *a.shape), dtype) for n, a in one.items()}
         }

@@ -48,6 +48,33 @@ namespace {
 constexpr int kMaxRows = 4;            // x rows (batch x tokens) per call; more go to XLA's GEMM
 constexpr int64_t kSerialBytes = 1 << 18;  // smaller weights are not worth waking a thread
 constexpr int64_t kUnitsPerWorker = 8;     // granularity of the dynamic split
+constexpr int64_t kPrefetchWeights = 4096;  // how far ahead of its reads a GEMV prefetches w
+
+// A GEMV unit reads one contiguous block of w once. Left to the hardware prefetcher, each call
+// starts cold and the 4 rows read abreast stay behind what memory can deliver. In-process A/B on
+// this machine: the 270M bf16 logits GEMV went 38 -> 43-51 GB/s, a decode-like scan of 1B's bf16
+// layer GEMVs 35 -> 47 GB/s and of its fp32 ones 41 -> 51 GB/s with this stream running
+// kPrefetchWeights ahead (8 KB of bf16: 4 KB was worse on 1B, 8 to 24 KB tied; 16 KB of fp32:
+// 8 KB gained nothing there). The first stretch is requested at once, then each Advance requests
+// as many bytes as the caller has just consumed, that far ahead.
+class Prefetch {
+ public:
+  template <typename W>
+  Prefetch(const W* begin, const W* end)
+      : base_(reinterpret_cast<const char*>(begin)),
+        size_(reinterpret_cast<const char*>(end) - base_) {
+    Advance(kPrefetchWeights * static_cast<int64_t>(sizeof(W)));
+  }
+  void Advance(int64_t bytes) {
+    for (const int64_t stop = std::min(size_, next_ + bytes); next_ < stop; next_ += 64)
+      __builtin_prefetch(base_ + next_);
+  }
+
+ private:
+  const char* base_;
+  int64_t size_;
+  int64_t next_ = 0;
+};
 
 // GCC/Clang vector extensions: one 16-lane fp32 register on AVX-512, two on AVX2 or NEON.
 typedef float F32x16 __attribute__((vector_size(64)));
@@ -124,10 +151,12 @@ void RowsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int6
                int64_t n1, float* __restrict y) {
   constexpr int R = 4;
   const int64_t k16 = K / 16 * 16;
+  Prefetch ahead(w + n0 * K, w + n1 * K);
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     F32x16 acc[M][R] = {};
     for (int64_t k = 0; k < k16; k += 16) {
+      ahead.Advance(R * 16 * sizeof(W));
       F32x16 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = Load16(w + (n + r) * K + k);
       for (int m = 0; m < M; ++m) {
@@ -173,10 +202,12 @@ void RowsBlockBf16(const float* __restrict x, const float* __restrict xs,
     std::memcpy(&even, &e, sizeof even);
     std::memcpy(&odd, &o, sizeof odd);
   };
+  Prefetch ahead(w + n0 * K, w + n1 * K);
   for (int64_t n = n0; n < n1; n += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
     F32x16 acc[M][R] = {};
     for (int64_t k = 0; k < k32; k += 32) {
+      ahead.Advance(R * 32 * sizeof(uint16_t));
       F32x16 even[R], odd[R];
       for (int r = 0; r < R; ++r) {
         if (r < rows) halves(w + (n + r) * K + k, even[r], odd[r]);
@@ -224,12 +255,14 @@ void RowsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restri
                  float* __restrict y) {
   constexpr int R = 4;
   const int64_t k32 = K / 32 * 32;
+  Prefetch ahead(w + n0 * K, w + n1 * K);
   for (int64_t n = n0; n < n1; n += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < k32; k += 32) {
+      ahead.Advance(R * 32 * sizeof(uint16_t));
       __m512bh wv[R];
       for (int r = 0; r < R; ++r) {
         wv[r] = (__m512bh)(r < rows ? _mm512_loadu_si512(w + (n + r) * K + k)
@@ -255,18 +288,24 @@ void RowsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restri
 template <typename W, int M>
 void ColsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int64_t N, int64_t k0,
                int64_t k1, float* __restrict acc) {
+  constexpr int64_t kStrip = 128;  // outputs per prefetch step; the strip loop still vectorises
+  Prefetch ahead(w + k0 * N, w + k1 * N);
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const W* __restrict w0 = w + k * N;
     const W* __restrict w1 = w0 + N;
     const W* __restrict w2 = w1 + N;
     const W* __restrict w3 = w2 + N;
-    for (int m = 0; m < M; ++m) {
-      const float a0 = x[m * K + k], a1 = x[m * K + k + 1];
-      const float a2 = x[m * K + k + 2], a3 = x[m * K + k + 3];
-      float* __restrict out = acc + m * N;
-      for (int64_t j = 0; j < N; ++j)
-        out[j] += a0 * Widen(w0[j]) + a1 * Widen(w1[j]) + a2 * Widen(w2[j]) + a3 * Widen(w3[j]);
+    for (int64_t j0 = 0; j0 < N; j0 += kStrip) {
+      const int64_t j1 = std::min(N, j0 + kStrip);
+      ahead.Advance(4 * (j1 - j0) * static_cast<int64_t>(sizeof(W)));
+      for (int m = 0; m < M; ++m) {
+        const float a0 = x[m * K + k], a1 = x[m * K + k + 1];
+        const float a2 = x[m * K + k + 2], a3 = x[m * K + k + 3];
+        float* __restrict out = acc + m * N;
+        for (int64_t j = j0; j < j1; ++j)
+          out[j] += a0 * Widen(w0[j]) + a1 * Widen(w1[j]) + a2 * Widen(w2[j]) + a3 * Widen(w3[j]);
+      }
     }
   }
   for (; k < k1; ++k) {
@@ -295,6 +334,7 @@ void ColsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restri
                  const uint16_t* __restrict w, int64_t K, int64_t N, int64_t k0, int64_t k1,
                  float* __restrict acc) {
   const int64_t n32 = N / 32 * 32;
+  Prefetch ahead(w + k0 * N, w + k1 * N);
   // Two pairs of rows per pass (k0 is a multiple of 4), then a last pair whose second row may
   // be past K.
   for (int64_t k = k0; k < k1; k += 4) {
@@ -310,6 +350,7 @@ void ColsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restri
       return r[i] ? _mm512_loadu_si512(r[i] + n) : _mm512_setzero_si512();
     };
     for (int64_t n = 0; n < n32; n += 32) {
+      ahead.Advance(4 * 32 * sizeof(uint16_t));
       const __m512i w0 = row(0, n), w1 = row(1, n);
       const __m512bh lo01 = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
       const __m512bh hi01 = (__m512bh)_mm512_unpackhi_epi16(w0, w1);

@@ -161,7 +161,30 @@ def worker_args(description: str) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--out", default=None, help="JSON file the metrics are (re)written to")
+    ap.add_argument(
+        "--serve-ttft",
+        action="store_true",
+        help="duel mode (bench/run.py --duel): set up, warm up the 100-token TTFT, then measure "
+        "one TTFT per `ttft` line on stdin (see serve_ttft)",
+    )
     return ap.parse_args()
+
+
+DUEL_PREFIX = "DUEL "  # protocol lines on a duel worker's stdout; anything else is log
+
+
+def serve_ttft(measure, warmups: int = 3) -> None:
+    """Duel protocol: after `warmups` calls of `measure` (seconds of one TTFT), print
+    `DUEL ready`, then `DUEL {"ttft_s": x}` for each `ttft` line read from stdin, until EOF.
+
+    bench/run.py keeps two engines' workers alive and alternates their measurements, so both
+    see the same moment of a machine whose speed drifts by ±30% within minutes."""
+    for _ in range(warmups):
+        measure()
+    print(DUEL_PREFIX + "ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "ttft":
+            print(DUEL_PREFIX + json.dumps({"ttft_s": measure()}), flush=True)
 
 
 class Recorder:

@@ -25,6 +25,7 @@ raw per-worker JSON and logs under bench/out/<timestamp>/ (git-ignored).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -76,6 +77,21 @@ def parse_args(argv=None):
         help="probe the bandwidth before every worker too (default: on for full CPU runs), for "
         "a bound at the machine's speed of that moment (this VM's drifts ±30%% within a run)",
     )
+    ap.add_argument(
+        "--duel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after each model and dtype's workers, TTFT(100) of ours and HF alternated rep by "
+        "rep in two live workers (default: on for full CPU runs with both engines)",
+    )
+    ap.add_argument("--duel-reps", type=int, default=15, help="TTFT pairs per duel")
+    ap.add_argument(
+        "--duel-gap",
+        type=float,
+        default=1.0,
+        help="seconds of quiet before each duel measurement (an idle engine's spinning "
+        "threads, e.g. torch's OpenMP pool, otherwise take cores from the next one)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: small and fast")
     ap.add_argument("--hf-threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument(
@@ -122,6 +138,8 @@ def parse_args(argv=None):
     a.membw_gib = a.membw_gib or (0.25 if a.quick else (4.0 if gpu else 1.0))
     if a.membw_each is None:
         a.membw_each = not (a.quick or gpu or a.skip_membw)
+    if a.duel is None:
+        a.duel = not (a.quick or gpu) and {"ours", "hf"} <= set(a.engines)
     if a.python_hf is None:
         ref = HERE / ".envs" / "ref" / "bin" / "python"
         # On a GPU machine without our ref env, try the machine's own torch + transformers.
@@ -216,14 +234,8 @@ def run_worker(a, engine, model, dtype, out_dir: pathlib.Path) -> dict:
         return {**row, "status": "n/a (gemma 3.3.0 is measured on CPU only)"}
     stem = f"{engine}-{model}-{dtype}"
     out = out_dir / f"{stem}.json"
-    cmd = [python, str(HERE / WORKERS[engine]), "--model", model, "--dtype", dtype,
-           "--prompt-tokens", str(a.prompt_tokens), "--long-prompt-tokens",
-           str(a.long_prompt_tokens), "--new-tokens", str(a.new_tokens), "--cache-length",
-           str(a.cache_length), "--reps", str(a.reps), "--device", a.device, "--out", str(out)]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
-               BENCH_OURS_INIT=a.ours_init)  # fmt: skip
-    if a.hf_threads:
-        env["BENCH_HF_THREADS"] = str(a.hf_threads)
+    cmd = worker_command(a, engine, model, dtype, "--out", str(out))
+    env = worker_env(a)
     print(f"[{stem}] start (timeout {a.timeout}s), load {os.getloadavg()[0]:.2f}", flush=True)
     info = run_subprocess(cmd, out_dir / f"{stem}.log", a.timeout, env)
     data = json.loads(out.read_text()) if out.exists() else {}
@@ -242,6 +254,89 @@ def run_worker(a, engine, model, dtype, out_dir: pathlib.Path) -> dict:
     print(f"[{stem}] {row['status']} in {info['wall_s']}s: stream {fmt(row.get('stream_tok_s'))}"
           f" tok/s, loop {fmt(row.get('loop_tok_s'))} tok/s", flush=True)  # fmt: skip
     return row
+
+
+def worker_command(a, engine, model, dtype, *extra) -> list[str]:
+    python = {"ours": a.python_ours, "hf": a.python_hf, "gemma": a.python_gemma}[engine]
+    return [python, str(HERE / WORKERS[engine]), "--model", model, "--dtype", dtype,
+            "--prompt-tokens", str(a.prompt_tokens), "--long-prompt-tokens",
+            str(a.long_prompt_tokens), "--new-tokens", str(a.new_tokens), "--cache-length",
+            str(a.cache_length), "--reps", str(a.reps), "--device", a.device, *extra]  # fmt: skip
+
+
+def worker_env(a) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
+               BENCH_OURS_INIT=a.ours_init)  # fmt: skip
+    if a.hf_threads:
+        env["BENCH_HF_THREADS"] = str(a.hf_threads)
+    return env
+
+
+def duel_reply(proc) -> dict | str:
+    """The next protocol line of a duel worker (common.serve_ttft); its log lines are skipped."""
+    for line in proc.stdout:
+        if line.startswith(common.DUEL_PREFIX):
+            body = line[len(common.DUEL_PREFIX) :].strip()
+            return body if body == "ready" else json.loads(body)
+    raise RuntimeError(f"the {proc.args[1]} worker exited (rc {proc.wait()})")
+
+
+def run_duel(a, model, dtype, out_dir: pathlib.Path) -> dict | None:
+    """TTFT(100) of ours and HF, alternated rep by rep in two live workers (`--serve-ttft`).
+
+    Each engine's own worker measures its TTFT minutes apart from the other's, and this
+    machine's speed drifts by ±30% in that time. Here both are loaded at once, each idle while
+    the other measures, and the order flips every pair (ours first, then HF first, ...)."""
+    engines = ("ours", "hf")
+    pythons = {"ours": a.python_ours, "hf": a.python_hf}
+    if any(dtype not in SUPPORTED_DTYPES[e] or not pathlib.Path(pythons[e]).exists()
+           for e in engines):  # fmt: skip
+        return None
+    stem = f"duel-{model}-{dtype}"
+    t0, procs = time.time(), {}
+    out = {"model": model, "dtype": dtype, "reps": a.duel_reps, "raw": {e: [] for e in engines}}
+    watchdog = threading.Timer(a.timeout, lambda: [p.kill() for p in procs.values()])
+    watchdog.start()
+    print(f"[{stem}] {a.duel_reps} interleaved TTFT pairs", flush=True)
+    with contextlib.ExitStack() as logs:
+        try:
+            for engine in engines:  # set up one at a time: each warms up alone
+                cmd = worker_command(a, engine, model, dtype, "--serve-ttft")
+                log = logs.enter_context(open(out_dir / f"{stem}-{engine}.log", "w"))
+                log.write("$ " + shlex.join(cmd) + "\n")
+                log.flush()
+                procs[engine] = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+                    env=worker_env(a), text=True,
+                )  # fmt: skip
+                if duel_reply(procs[engine]) != "ready":
+                    raise RuntimeError(f"{engine}: no ready line")
+            for i in range(a.duel_reps):
+                for engine in engines if i % 2 == 0 else engines[::-1]:
+                    time.sleep(a.duel_gap)
+                    procs[engine].stdin.write("ttft\n")
+                    procs[engine].stdin.flush()
+                    out["raw"][engine].append(round(duel_reply(procs[engine])["ttft_s"], 4))
+            out["status"] = "ok"
+        except (RuntimeError, OSError, ValueError) as e:
+            out["status"] = f"error: {e}"
+        finally:
+            watchdog.cancel()
+            for p in procs.values():
+                p.stdin.close()
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    ours, hf = out["raw"]["ours"], out["raw"]["hf"]
+    if out["status"] == "ok":
+        out["ours_ttft_s"], out["hf_ttft_s"] = common.median(ours), common.median(hf)
+        out["ours_faster"] = sum(o < h for o, h in zip(ours, hf, strict=True))
+    out["wall_s"] = round(time.time() - t0, 1)
+    print(f"[{stem}] {out['status']}: ours {fmt(out.get('ours_ttft_s'), 3)} s, HF "
+          f"{fmt(out.get('hf_ttft_s'), 3)} s, ours faster in {out.get('ours_faster')} of "
+          f"{len(ours)} pairs", flush=True)  # fmt: skip
+    return out
 
 
 # ---- derived figures and rendering --------------------------------------------------------
@@ -430,6 +525,14 @@ def targets(results) -> list[str]:
                        f"| ours {fmt(row.get('ttft_100_s'), 3)} s, HF "
                        f"{fmt(h.get('ttft_100_s') if h else None, 3)} s | {fmt(q)}× | "
                        f"{check(q, 1.0, higher=False)} |")  # fmt: skip
+        for d in results.get("duels", ()):
+            if d["model"] != model or d.get("ours_ttft_s") is None:
+                continue
+            q = ratio(d["ours_ttft_s"], d["hf_ttft_s"])
+            out.append(f"| TTFT 100 ≤ HF's, interleaved duel ({d['dtype']}) | ours "
+                       f"{fmt(d['ours_ttft_s'], 3)} s, HF {fmt(d['hf_ttft_s'], 3)} s (medians of "
+                       f"{len(d['raw']['ours'])} alternated pairs; ours faster in "
+                       f"{d['ours_faster']}) | {fmt(q)}× | {check(q, 1.0, higher=False)} |")  # fmt: skip
         for row in pick(results, "ours", model):
             t2, t3 = row.get("compiles_turn2"), row.get("compiles_turn3")
             zero = "meets" if (t2, t3) == (0, 0) else ("n/a" if t2 is None else "MISSES")
@@ -549,6 +652,7 @@ def render(results, supplements=None, notes=None) -> str:
         "## Targets (ratios from this run)",
         *targets(results),
         "",
+        *duel_section(results),
         "## Per-worker commands",
         "",
         "```",
@@ -561,6 +665,28 @@ def render(results, supplements=None, notes=None) -> str:
     for extra in supplements or ():
         lines += supplement_section(extra)
     return "\n".join(lines)
+
+
+def duel_section(results) -> list[str]:
+    """The raw TTFT pairs of `--duel` (run_duel)."""
+    duels = results.get("duels")
+    if not duels:
+        return []
+    lines = [
+        "## TTFT duels",
+        "",
+        "Ours and HF loaded side by side, TTFT(100) measured in alternation, the order flipped "
+        "every pair, each measurement after "
+        f"{results['config'].get('duel_gap', 1.0)} s of quiet (`run_duel`): both see the same "
+        "minutes of a machine whose speed drifts, and each starts idle, as a chat message "
+        "does (the workers' own TTFT reps run back to back). Seconds, in measurement order:",
+        "",
+    ]
+    for d in duels:
+        raw = d["raw"]
+        lines.append(f"- {d['model']} {d['dtype']} ({d['status']}, {d['wall_s']} s): ours "
+                     f"{raw['ours']}; HF {raw['hf']}")  # fmt: skip
+    return lines + [""]
 
 
 def supplement_section(results) -> list[str]:
@@ -601,6 +727,7 @@ def merge(runs: list[dict]) -> dict:
         return runs[0]
     out = dict(runs[0])
     out["rows"] = [row for r in runs for row in r["rows"]]
+    out["duels"] = [d for r in runs for d in r.get("duels", ())]
     out["command"] = "\n".join(r["command"] for r in runs)
     out["config"] = dict(runs[0]["config"])
     for key in ("models", "engines", "dtypes"):
@@ -643,7 +770,7 @@ def main(argv=None):
     t0 = time.time()
     keys = ("device", "models", "engines", "dtypes", "reps", "prompt_tokens",
             "long_prompt_tokens", "new_tokens", "cache_length", "timeout", "quick",
-            "hf_threads", "ours_init")  # fmt: skip
+            "hf_threads", "ours_init", "duel", "duel_reps", "duel_gap")  # fmt: skip
     config = {k: getattr(a, k) for k in keys}
     config["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     results = {
@@ -669,6 +796,10 @@ def main(argv=None):
                 if before:
                     row["membw_before"] = {k: before[k] for k in ("read_gbs", "read_test")}
                 results["rows"].append(row)
+                (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            duel = run_duel(a, model, dtype, out_dir) if a.duel else None
+            if duel:
+                results.setdefault("duels", []).append(duel)
                 (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if not a.skip_membw:
         results["membw_end"] = run_membw(a, out_dir, "end")

@@ -12,6 +12,7 @@ tokens cannot stop a run. Prompt ids from `common.prompt_ids` (the same ids our 
                  (HF's streaming path; the streamer's first put() is the prompt, skipped)
   ttft_*       : generate(max_new_tokens=1) for the 100- and 1000-token prompts
   loop_tok_s   : (64 - 1) / (generate(64) - generate(1))   (as the anchor figures)
+With --serve-ttft the worker only serves ttft_100 to bench/run.py's duel (common.serve_ttft).
 Eager torch has no compilation: compile fields are reported as 0 recompilations by design.
 """
 
@@ -126,6 +127,10 @@ def gen(ids, n, streamer=None):
 
 ids = common.prompt_ids(args.prompt_tokens)
 long_ids = common.prompt_ids(args.long_prompt_tokens, seed=1)
+
+if args.serve_ttft:  # duel mode (bench/run.py --duel): the TTFT below only
+    common.serve_ttft(lambda: gen(ids, 1))
+    sys.exit(0)
 
 rec.phase("first_call")
 rec.set(first_call_s=round(gen(ids, N), 3), compile_s=0.0, compiles_turn2=0, compiles_turn3=0)

@@ -15,6 +15,7 @@ Phases (in this order, so the first one sees a fresh process):
   3. loop  : `Sampler.generate_all` (one jitted while_loop) timed alone after a synced
              prefill: decode tok/s = (64 - 1) / its time (the prefill samples token 1).
   4. ttft  : prefill + first token for the 1000-token prompt (two 512-token chunks).
+With --serve-ttft the worker only serves phase 2's TTFT to bench/run.py's duel (common.serve_ttft).
 Warm-ups use 2 new tokens (max_new_tokens is data: the same compiled programs).
 """
 
@@ -144,6 +145,24 @@ rec.set(
     rss_after_init_mib=common.current_rss_mib(),
 )
 model = Transformer(cfg, dtype=JNP[compute])
+
+if args.serve_ttft:  # duel mode (bench/run.py --duel): the streaming path's TTFT only
+    duel = Sampler(
+        model=model, params=params, tokenizer=None, cache_length=args.cache_length,
+        max_out_length=max(128, N),
+    )  # fmt: skip
+    duel_ids = common.prompt_ids(args.prompt_tokens)
+
+    def duel_ttft() -> float:
+        # Two tokens, as phase 2 streams them (step 1 is dispatched before token 0 is read),
+        # and run to the end, so no step is left running into the other engine's turn.
+        timer = common.StreamTimer()
+        for _ in duel.generate(duel.prefill([duel_ids], rng=0), max_new_tokens=2):
+            timer.tick()
+        return timer.ttft
+
+    common.serve_ttft(duel_ttft)
+    sys.exit(0)
 
 # ---- 1. multi-turn chat: first call (compile) and compilations on turns 2 and 3 ----------
 rec.phase("chat")

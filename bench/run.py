@@ -715,6 +715,7 @@ def supplement_section(results) -> list[str]:
         "Targets from this run:",
         *targets(results),
         "",
+        *duel_section(results),
         f"Raw JSON and logs: `{results['out_dir']}`.",
         "",
     ]

@@ -223,11 +223,15 @@ def run_membw(a, out_dir: pathlib.Path, tag: str) -> dict | None:
     return res
 
 
+def worker_python(a, engine) -> str:
+    return {"ours": a.python_ours, "hf": a.python_hf, "gemma": a.python_gemma}[engine]
+
+
 def run_worker(a, engine, model, dtype, out_dir: pathlib.Path) -> dict:
     row = {"engine": engine, "model": model, "dtype": dtype}
     if dtype not in SUPPORTED_DTYPES[engine]:
         return {**row, "status": "n/a (dtype not offered by this engine)"}
-    python = {"ours": a.python_ours, "hf": a.python_hf, "gemma": a.python_gemma}[engine]
+    python = worker_python(a, engine)
     if not pathlib.Path(python).exists():
         return {**row, "status": f"n/a (no env: {os.path.relpath(python, ROOT)})"}
     if engine == "gemma" and a.device == "gpu":
@@ -257,8 +261,7 @@ def run_worker(a, engine, model, dtype, out_dir: pathlib.Path) -> dict:
 
 
 def worker_command(a, engine, model, dtype, *extra) -> list[str]:
-    python = {"ours": a.python_ours, "hf": a.python_hf, "gemma": a.python_gemma}[engine]
-    return [python, str(HERE / WORKERS[engine]), "--model", model, "--dtype", dtype,
+    return [worker_python(a, engine), str(HERE / WORKERS[engine]), "--model", model, "--dtype", dtype,
             "--prompt-tokens", str(a.prompt_tokens), "--long-prompt-tokens",
             str(a.long_prompt_tokens), "--new-tokens", str(a.new_tokens), "--cache-length",
             str(a.cache_length), "--reps", str(a.reps), "--device", a.device, *extra]  # fmt: skip
@@ -288,8 +291,7 @@ def run_duel(a, model, dtype, out_dir: pathlib.Path) -> dict | None:
     machine's speed drifts by ±30% in that time. Here both are loaded at once, each idle while
     the other measures, and the order flips every pair (ours first, then HF first, ...)."""
     engines = ("ours", "hf")
-    pythons = {"ours": a.python_ours, "hf": a.python_hf}
-    if any(dtype not in SUPPORTED_DTYPES[e] or not pathlib.Path(pythons[e]).exists()
+    if any(dtype not in SUPPORTED_DTYPES[e] or not pathlib.Path(worker_python(a, e)).exists()
            for e in engines):  # fmt: skip
         return None
     stem = f"duel-{model}-{dtype}"

@@ -229,9 +229,16 @@ def test_library_is_cached_per_source(monkeypatch, tmp_path):
     cxx = build.compiler()
     first = build._library_path(cxx)
     assert build._library_path(cxx) == first
-    changed = tmp_path / "gemv.cc"
-    changed.write_text(build.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(build, "SOURCE", changed)
+    for i, source in enumerate(build.SOURCES):  # any source: a new library
+        changed = tmp_path / source.name
+        changed.write_text(source.read_text() + "\n// changed\n")
+        sources = (*build.SOURCES[:i], changed, *build.SOURCES[i + 1 :])
+        with monkeypatch.context() as patch:
+            patch.setattr(build, "SOURCES", sources)
+            assert build._library_path(cxx) != first
+    header = tmp_path / "pool.h"  # and a header the sources include
+    header.write_text(build.HEADERS[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(build, "HEADERS", (header,))
     assert build._library_path(cxx) != first
 
 

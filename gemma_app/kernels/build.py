@@ -1,4 +1,4 @@
-"""Builds and loads the project's CPU kernels (`gemv.cc`) once per machine.
+"""Builds and loads the project's CPU kernels (`gemv.cc`, `attention.cc`) once per machine.
 
 The shared library is compiled with the system C++ compiler for the CPU it runs on
 (`-march=native`) into a per-user cache, keyed by a hash of the source, the flags, the compiler
@@ -22,10 +22,13 @@ import tempfile
 import jax
 import jaxlib
 
-SOURCE = pathlib.Path(__file__).with_name("gemv.cc")
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / "gemv.cc", _HERE / "attention.cc")  # compiled into one library
+HEADERS = (_HERE / "pool.h",)
 TARGETS = {
     "gemma_app_gemv": "GemmaAppGemv",
     "gemma_app_gemm": "GemmaAppGemm",
+    "gemma_app_decode_attention": "GemmaAppDecodeAttention",
 }
 _LOG = logging.getLogger(__name__)
 
@@ -60,20 +63,21 @@ def compile_flags() -> list[str]:
 
 def _library_path(cxx: str) -> pathlib.Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = "\n".join([SOURCE.read_text(), " ".join(compile_flags()), version, jaxlib.__version__])
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = "\n".join([*texts, " ".join(compile_flags()), version, jaxlib.__version__])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"gemv-{platform.machine()}-{digest}.so"
 
 
 def _compile(cxx: str, out: pathlib.Path, defines: tuple[str, ...] = ()) -> None:
-    """Builds SOURCE into `out`; `defines` (-D...) select code paths, e.g. the tests build the
+    """Builds SOURCES into `out`; `defines` (-D...) select code paths, e.g. the tests build the
     portable bf16 loops with GEMMA_APP_NO_DPBF16 on a CPU that has AVX512-BF16."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = pathlib.Path(tmp) / out.name
         flags = [*compile_flags(), *(f"-D{d}" for d in defines)]
-        cmd = [cxx, *flags, str(SOURCE), "-o", str(tmp_out)]
+        cmd = [cxx, *flags, *map(str, SOURCES), "-o", str(tmp_out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

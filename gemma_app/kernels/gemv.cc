@@ -32,6 +32,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef __AVX512F__  // intrinsics where the vectoriser needs help: transposes, bf16 pairs
@@ -44,6 +46,14 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+using gemma_app::F32x16;
+using gemma_app::Load16;
+using gemma_app::ParallelFor;
+using gemma_app::Sum;
+using gemma_app::U16x16;
+using gemma_app::U32x16;
+using gemma_app::Widen;
 
 constexpr int kMaxRows = 4;            // x rows (batch x tokens) per call; more go to XLA's GEMM
 constexpr int64_t kSerialBytes = 1 << 18;  // smaller weights are not worth waking a thread
@@ -99,19 +109,6 @@ class Lookahead {
   int64_t per_step_;
 };
 
-// GCC/Clang vector extensions: one 16-lane fp32 register on AVX-512, two on AVX2 or NEON.
-typedef float F32x16 __attribute__((vector_size(64)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-
-inline float Widen(float v) { return v; }
-inline float Widen(uint16_t v) {  // bf16 is the top half of an fp32
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // bf16 weights multiply x rounded to bf16 (nearest even). The product of two bf16 values is exact
 // in fp32, so only the fp32 sums round: the numerics of a bf16 matmul on a GPU or TPU, and of
 // `_xla` in __init__.py. With AVX512-BF16 the hardware then takes bf16 pairs directly (twice
@@ -146,26 +143,6 @@ struct RoundedX {
     }
   }
 };
-
-inline F32x16 Load16(const float* p) {
-  F32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline F32x16 Load16(const uint16_t* p) {
-  U16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
-  F32x16 v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-
-inline float Sum(F32x16 v) {
-  float s = 0.f;
-  for (int j = 0; j < 16; ++j) s += v[j];
-  return s;
-}
 
 // y[m, n] for rows n in [n0, n1) of one w [N, K] (contraction axis contiguous). Four weight
 // rows per pass share each load of x and give four independent accumulator chains per x row.
@@ -825,32 +802,6 @@ void GemmPanelDp(const RoundedX& x, const uint16_t* w, float* y, int64_t M, int6
   }
 }
 #endif
-
-// Runs fn(unit, next) for every unit in [0, units) on the calling thread and the pool's
-// threads. Each thread claims its next unit before it runs the current one, so `next` (-1 for
-// none) is the unit it will run next: fn may fetch its data ahead.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t units, const Fn& fn) {
-  auto job = std::make_shared<Job>();
-  job->units = units;
-  // Tasks copy `work`; one that starts after the caller took every unit finds none and leaves
-  // without touching fn's captures, which live on the caller's stack.
-  auto work = [job, fn]() {
-    for (int64_t u = job->next.fetch_add(1); u < job->units;) {
-      const int64_t next = job->next.fetch_add(1);
-      fn(u, next < job->units ? next : -1);
-      job->done.fetch_add(1, std::memory_order_release);
-      u = next;
-    }
-  };
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), units);
-  for (int64_t t = 1; t < threads; ++t)
-    pool.Schedule([job, work]() {
-      if (job->next.load() < job->units) work();
-    });
-  work();
-  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
-}
 
 // y [G, s.M, N]: rows [0, M) of each g; x's rows past M are never read.
 template <typename W>

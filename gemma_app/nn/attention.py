@@ -15,10 +15,13 @@ so a decode step costs O(used length) (O(window) on local layers), not O(cache_l
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_app.kernels import attention as kernel_attention
 from gemma_app.nn.config import AttentionType, TransformerConfig
 from gemma_app.nn.layers import RMSNorm, Weight, merge_heads, project_heads
 from gemma_app.nn.rope import RopeTables, rope_tables, rotate
@@ -26,7 +29,7 @@ from gemma_app.nn.rope import RopeTables, rope_tables, rotate
 CACHE_CHUNK = 256  # key slots per step of the chunked attention loop, at most; divides the cache
 MIN_KEY_CHUNK = 64
 _NEG = -1e30  # finite, so a fully masked chunk never produces inf - inf = nan
-NO_WINDOW = 1 << 30  # the "window" of a global layer when windows are data (scanned decoder)
+NO_WINDOW = kernel_attention.NO_WINDOW  # the "window" of a global layer when windows are data (scanned decoder)
 
 LayerCache = dict[str, jax.Array]
 
@@ -145,7 +148,20 @@ def chunked_attention(
     one compiled step serves every cache fill level. `seg_cache` [B, S] holds the image block
     of each slot (multimodal models only). With `layer`, the caches are stacked [L, B, S, K, H]
     and that layer is read. Returns [B, T, K, G, H].
+
+    Decode steps on CPU (no image blocks) run the same math in a kernel instead
+    (`kernels.attention`), which reads the used slots in place.
     """
+    loop = functools.partial(_attention_loop, cap=cap, q_seg=q_seg, seg_cache=seg_cache)
+    if q_seg is None and kernel_attention.usable(q, k_cache):
+        return kernel_attention.cached_attention(
+            q, k_cache, v_cache, q_pos, window=window, cap=cap, layer=layer, default=loop
+        )
+    return loop(q, k_cache, v_cache, q_pos, layer, window)
+
+
+def _attention_loop(q, k_cache, v_cache, q_pos, layer, window, *, cap, q_seg, seg_cache):
+    """XLA's chunked_attention: a loop over the used CACHE_CHUNK-slot chunks."""
     b, t, k_heads, g, h = q.shape
     cache_len, size = k_cache.shape[-3], key_chunk(t)
     hi = jnp.minimum(jnp.max(q_pos) + 1, cache_len)  # one past the last slot any query sees

@@ -1,0 +1,51 @@
+// Work splitting shared by the CPU kernels (gemv.cc, attention.cc): units of one call run on
+// the calling thread and XLA's intra-op pool. The calling thread takes units too, so a call
+// never waits on a pool that is busy elsewhere.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace gemma_app {
+
+// The units of one call, claimed one at a time by whichever thread is free.
+struct UnitQueue {
+  int64_t units = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs fn(unit, next) for every unit in [0, units) on the calling thread and up to `threads`
+// - 1 of the pool's threads (0: all of them). Each thread claims its next unit before it runs
+// the current one, so `next` (-1 for none) is the unit it will run next: fn may fetch its data
+// ahead. Returns when every unit is done.
+template <typename Fn>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units, const Fn& fn, int64_t threads = 0) {
+  auto job = std::make_shared<UnitQueue>();
+  job->units = units;
+  // Tasks copy `work`; one that starts after the caller took every unit finds none and leaves
+  // without touching fn's captures, which live on the caller's stack.
+  auto work = [job, fn]() {
+    for (int64_t u = job->next.fetch_add(1); u < job->units;) {
+      const int64_t next = job->next.fetch_add(1);
+      fn(u, next < job->units ? next : -1);
+      job->done.fetch_add(1, std::memory_order_release);
+      u = next;
+    }
+  };
+  const int64_t most = std::max<int64_t>(1, pool.num_threads());
+  threads = std::min<int64_t>(threads > 0 ? std::min(threads, most) : most, units);
+  for (int64_t t = 1; t < threads; ++t)
+    pool.Schedule([job, work]() {
+      if (job->next.load() < job->units) work();
+    });
+  work();
+  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
+}
+
+}  // namespace gemma_app

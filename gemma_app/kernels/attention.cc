@@ -223,7 +223,7 @@ void Attend(ffi::ThreadPool& pool, const Dims& d, const float* q, const C* kc, c
   }
   const int64_t units = first_unit[d.B], Q = d.Q(), H = d.H;
   std::vector<float> results(static_cast<size_t>(units * Q * (H + 2)));
-  auto run = [&](int64_t u, int64_t) {
+  auto run = [&](int64_t u, int64_t, int64_t) {
     const int64_t b = std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin() - 1;
     const int64_t r = u - first_unit[b], k = r / parts[b], part = r % parts[b];
     const int64_t span = stop[b] - start[b];

@@ -1,5 +1,5 @@
-// Work splitting shared by the CPU kernels (gemv.cc, attention.cc): units of one call run on
-// the calling thread and XLA's intra-op pool. The calling thread takes units too, so a call
+// Work splitting shared by the CPU kernels (gemv.cc, attention.cc): the units of one call run
+// on the calling thread and XLA's intra-op pool. The calling thread takes units too, so a call
 // never waits on a pool that is busy elsewhere.
 #pragma once
 
@@ -16,34 +16,38 @@ namespace gemma_app {
 // The units of one call, claimed one at a time by whichever thread is free.
 struct UnitQueue {
   int64_t units = 0;
+  int64_t max_workers = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+  std::atomic<int64_t> workers{0};
 };
 
-// Runs fn(unit, next) for every unit in [0, units) on the calling thread and up to `threads`
-// - 1 of the pool's threads (0: all of them). Each thread claims its next unit before it runs
-// the current one, so `next` (-1 for none) is the unit it will run next: fn may fetch its data
-// ahead. Returns when every unit is done.
+// Runs fn(unit, next, worker) for every unit in [0, units) on the calling thread and up to
+// `threads` - 1 pool threads (0: as many as the pool has). Each thread claims its next unit
+// before it runs the current one, so `next` (-1 for none) is the unit it will run next: fn may
+// fetch its data ahead. `worker` in [0, threads) is the running thread's slot in this call,
+// for per-thread scratch. Returns when every unit is done.
 template <typename Fn>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units, const Fn& fn, int64_t threads = 0) {
+  const int64_t most = std::max<int64_t>(1, pool.num_threads());
+  threads = std::min<int64_t>(threads > 0 ? std::min(threads, most) : most, units);
   auto job = std::make_shared<UnitQueue>();
   job->units = units;
+  job->max_workers = std::max<int64_t>(1, threads);
   // Tasks copy `work`; one that starts after the caller took every unit finds none and leaves
   // without touching fn's captures, which live on the caller's stack.
   auto work = [job, fn]() {
+    if (job->next.load(std::memory_order_relaxed) >= job->units) return;
+    const int64_t worker = job->workers.fetch_add(1);
+    if (worker >= job->max_workers) return;
     for (int64_t u = job->next.fetch_add(1); u < job->units;) {
       const int64_t next = job->next.fetch_add(1);
-      fn(u, next < job->units ? next : -1);
+      fn(u, next < job->units ? next : -1, worker);
       job->done.fetch_add(1, std::memory_order_release);
       u = next;
     }
   };
-  const int64_t most = std::max<int64_t>(1, pool.num_threads());
-  threads = std::min<int64_t>(threads > 0 ? std::min(threads, most) : most, units);
-  for (int64_t t = 1; t < threads; ++t)
-    pool.Schedule([job, work]() {
-      if (job->next.load() < job->units) work();
-    });
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work]() { work(); });
   work();
   while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
 }

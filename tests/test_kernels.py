@@ -1,6 +1,7 @@
 """The CPU kernels (gemma_app/kernels): every product against XLA, and their use in the decoder."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -223,8 +224,8 @@ def test_failed_build_falls_back_to_xla(monkeypatch, tmp_path, caplog):
 
 
 def test_library_is_cached_per_source(monkeypatch, tmp_path):
-    """The library's cache path is stable for one source, so a second load reuses the build;
-    a changed source gets a new path, so it builds a new library."""
+    """The library's cache path is stable for one set of sources, so a second load reuses the
+    build; a changed source or header gets a new path, so it builds a new library."""
     monkeypatch.setenv("GEMMA_APP_KERNEL_DIR", str(tmp_path))
     cxx = build.compiler()
     first = build._library_path(cxx)
@@ -236,10 +237,17 @@ def test_library_is_cached_per_source(monkeypatch, tmp_path):
         with monkeypatch.context() as patch:
             patch.setattr(build, "SOURCES", sources)
             assert build._library_path(cxx) != first
-    header = tmp_path / "pool.h"  # and a header the sources include
-    header.write_text(build.HEADERS[0].read_text() + "\n// changed\n")
-    monkeypatch.setattr(build, "HEADERS", (header,))
-    assert build._library_path(cxx) != first
+    for i, header in enumerate(build.HEADERS):  # and any header the sources include
+        changed = tmp_path / header.name
+        changed.write_text(header.read_text() + "\n// changed\n")
+        headers = (*build.HEADERS[:i], changed, *build.HEADERS[i + 1 :])
+        with monkeypatch.context() as patch:
+            patch.setattr(build, "HEADERS", headers)
+            assert build._library_path(cxx) != first
+    # Every project header a source includes is in the key.
+    texts = [path.read_text() for path in (*build.SOURCES, *build.HEADERS)]
+    included = {name for text in texts for name in re.findall(r'#include "([^"/]+)"', text)}
+    assert included == {path.name for path in build.HEADERS}
 
 
 def test_bf16_activations_with_many_rows_use_xla():

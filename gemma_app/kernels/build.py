@@ -24,7 +24,7 @@ import jaxlib
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / "gemv.cc", _HERE / "attention.cc")  # compiled into one library
-HEADERS = (_HERE / "pool.h",)
+HEADERS = (_HERE / "pool.h", _HERE / "vec.h")  # included by the sources: part of the key
 TARGETS = {
     "gemma_app_gemv": "GemmaAppGemv",
     "gemma_app_gemm": "GemmaAppGemm",

@@ -251,9 +251,9 @@ std::vector<float> SplitEvenOdd(const float* x, int64_t M, int64_t K) {
 // Nothing is widened, so a weight costs a sixteenth of an instruction, and one row at a time
 // keeps enough accumulator chains (two per x row). That reads w strictly in memory order:
 // four rows abreast (as RowsBlock does) interleave four short streams inside each block, which
-// the hardware prefetcher follows less well. On the 270M logits GEMV (2 threads, standalone,
-// /tmp/p/gbw2.cc in the session notes) row by row read 9-17% faster whenever the machine gave
-// more than ~50 GB/s, and tied when it gave ~43.
+// the hardware prefetcher follows less well. On the 270M logits GEMV (two threads, a
+// standalone C++ probe alternating both loops) row by row read 9-17% faster whenever the
+// machine gave more than ~50 GB/s, and tied when it gave ~43.
 template <int M>
 void RowsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restrict xr,
                  const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0, int64_t n1,

@@ -29,9 +29,8 @@ from gemma_app.nn.rope import RopeTables, rope_tables, rotate
 CACHE_CHUNK = 256  # key slots per step of the chunked attention loop, at most; divides the cache
 MIN_KEY_CHUNK = 64
 _NEG = -1e30  # finite, so a fully masked chunk never produces inf - inf = nan
-NO_WINDOW = (
-    kernel_attention.NO_WINDOW
-)  # the "window" of a global layer when windows are data (scanned decoder)
+# The "window" of a global layer when windows are data (scanned decoder).
+NO_WINDOW = kernel_attention.NO_WINDOW
 
 LayerCache = dict[str, jax.Array]
 

@@ -230,20 +230,14 @@ def test_library_is_cached_per_source(monkeypatch, tmp_path):
     cxx = build.compiler()
     first = build._library_path(cxx)
     assert build._library_path(cxx) == first
-    for i, source in enumerate(build.SOURCES):  # any source: a new library
-        changed = tmp_path / source.name
-        changed.write_text(source.read_text() + "\n// changed\n")
-        sources = (*build.SOURCES[:i], changed, *build.SOURCES[i + 1 :])
-        with monkeypatch.context() as patch:
-            patch.setattr(build, "SOURCES", sources)
-            assert build._library_path(cxx) != first
-    for i, header in enumerate(build.HEADERS):  # and any header the sources include
-        changed = tmp_path / header.name
-        changed.write_text(header.read_text() + "\n// changed\n")
-        headers = (*build.HEADERS[:i], changed, *build.HEADERS[i + 1 :])
-        with monkeypatch.context() as patch:
-            patch.setattr(build, "HEADERS", headers)
-            assert build._library_path(cxx) != first
+    for attr in ("SOURCES", "HEADERS"):  # any source or included header: a new library
+        files = getattr(build, attr)
+        for i, path in enumerate(files):
+            changed = tmp_path / path.name
+            changed.write_text(path.read_text() + "\n// changed\n")
+            with monkeypatch.context() as patch:
+                patch.setattr(build, attr, (*files[:i], changed, *files[i + 1 :]))
+                assert build._library_path(cxx) != first
     # Every project header a source includes is in the key.
     texts = [path.read_text() for path in (*build.SOURCES, *build.HEADERS)]
     included = {name for text in texts for name in re.findall(r'#include "([^"/]+)"', text)}

@@ -31,15 +31,8 @@
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-
+namespace gemma_app {  // ffi, ParallelFor (pool.h), F32x16, Load16, Sum, Widen (vec.h)
 namespace {
-
-using gemma_app::F32x16;
-using gemma_app::Load16;
-using gemma_app::ParallelFor;
-using gemma_app::Sum;
-using gemma_app::Widen;
 
 constexpr int64_t kMinPartSlots = 128;  // smaller parts cost more to merge than they save
 constexpr int64_t kMaxPartSlots = 256;  // a part's K and V (256 KB each at H = 256) stay in L2
@@ -299,3 +292,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("cap"));
+
+}  // namespace gemma_app

@@ -43,17 +43,8 @@
 #define GEMMA_APP_DPBF16 1  // vdpbf16ps: 32 bf16 products summed into 16 fp32 lanes per op
 #endif
 
-namespace ffi = xla::ffi;
-
+namespace gemma_app {  // ffi, ParallelFor (pool.h), F32x16, Load16, Sum, Widen (vec.h)
 namespace {
-
-using gemma_app::F32x16;
-using gemma_app::Load16;
-using gemma_app::ParallelFor;
-using gemma_app::Sum;
-using gemma_app::U16x16;
-using gemma_app::U32x16;
-using gemma_app::Widen;
 
 constexpr int kMaxRows = 4;            // x rows (batch x tokens) per call; more go to XLA's GEMM
 constexpr int64_t kSerialBytes = 1 << 18;  // smaller weights are not worth waking a thread
@@ -866,3 +857,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaAppGemm, Gemm,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contract_last"));
+
+}  // namespace gemma_app

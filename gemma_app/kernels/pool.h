@@ -13,6 +13,8 @@
 
 namespace gemma_app {
 
+namespace ffi = xla::ffi;
+
 // The units of one call, claimed one at a time by whichever thread is free.
 struct UnitQueue {
   int64_t units = 0;
@@ -28,7 +30,7 @@ struct UnitQueue {
 // fetch its data ahead. `worker` in [0, threads) is the running thread's slot in this call,
 // for per-thread scratch. Returns when every unit is done.
 template <typename Fn>
-void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units, const Fn& fn, int64_t threads = 0) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t units, const Fn& fn, int64_t threads = 0) {
   const int64_t most = std::max<int64_t>(1, pool.num_threads());
   threads = std::min<int64_t>(threads > 0 ? std::min(threads, most) : most, units);
   auto job = std::make_shared<UnitQueue>();

@@ -325,6 +325,26 @@ def test_a_prompt_chunk_reads_only_the_key_slots_it_needs(queries):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_prompt_rows_whose_first_chunks_are_masked_match_dense_attention():
+    """A windowed prompt chunk: the loop starts at the chunk of the earliest window, which is
+    wholly masked for the later queries. Their masked slots must carry no weight in the end."""
+    from gemma_app.nn.attention import chunked_attention, dense_attention, key_chunk
+
+    t, window, first = 128, 40, 600  # queries at 600..727; key_chunk(128) = 128 slots a step
+    b, k_heads, g, h, slots = 1, 1, 2, 8, 4 * CACHE_CHUNK
+    assert (first - window + 1) // key_chunk(t) * key_chunk(t) + key_chunk(t) < first + t - window
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((b, slots, k_heads, h)).astype(np.float32)
+    v = 10 * rng.standard_normal((b, slots, k_heads, h)).astype(np.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, k_heads, g, h)), jnp.float32)
+    q_pos = first + jnp.arange(t)[None, :]
+    out = chunked_attention(q, jnp.asarray(k), jnp.asarray(v), q_pos, window=window, cap=None)
+    end = first + t
+    k_pos = jnp.arange(end)[None, :]
+    ref = dense_attention(q, k[:, :end], v[:, :end], q_pos, k_pos, window=window, cap=None)
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["layer_cache", "stacked_cache"])
 @pytest.mark.parametrize("window", [None, 20])
 def test_decode_reads_only_the_used_cache_chunks(window, stacked):

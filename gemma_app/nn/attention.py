@@ -185,7 +185,11 @@ def _attention_loop(q, k_cache, v_cache, q_pos, layer, window, *, cap, q_seg, se
         mask = mask[:, :, None, None, :]  # [B, T, 1, 1, C]
         logits = jnp.where(mask, _logits(q, k, cap), _NEG)  # [B, T, K, G, C]
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-        p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+        # No second mask: a masked logit is _NEG, so its exp is exactly 0 once the row has seen
+        # a key. Before that (m_new still _NEG) masked slots weigh 1, and the first chunk with
+        # a key wipes them: its correction exp(_NEG - m_new) is exactly 0. One pass over the
+        # [T, C] tile less: ~3% of Gemma 3 1B's 1000-token prefill (in-process A/B).
+        p = jnp.exp(logits - m_new[..., None])
         correction = jnp.exp(m - m_new)
         denom = denom * correction + jnp.sum(p, axis=-1)
         pv = jnp.einsum(

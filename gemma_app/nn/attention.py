@@ -187,8 +187,9 @@ def _attention_loop(q, k_cache, v_cache, q_pos, layer, window, *, cap, q_seg, se
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         # No second mask: a masked logit is _NEG, so its exp is exactly 0 once the row has seen
         # a key. Before that (m_new still _NEG) masked slots weigh 1, and the first chunk with
-        # a key wipes them: its correction exp(_NEG - m_new) is exactly 0. One pass over the
-        # [T, C] tile less: ~3% of Gemma 3 1B's 1000-token prefill (in-process A/B).
+        # a key wipes them: its correction exp(_NEG - m_new) is exactly 0 (rows that never see
+        # one are zeroed below). One pass over the [T, C] tile less: ~3% of Gemma 3 1B's
+        # 1000-token prefill (in-process A/B).
         p = jnp.exp(logits - m_new[..., None])
         correction = jnp.exp(m - m_new)
         denom = denom * correction + jnp.sum(p, axis=-1)
@@ -203,9 +204,11 @@ def _attention_loop(q, k_cache, v_cache, q_pos, layer, window, *, cap, q_seg, se
         jnp.zeros((b, t, k_heads, g), jnp.float32),
         jnp.zeros((b, t, k_heads, g, h), jnp.float32),
     )
-    _, denom, acc = jax.lax.fori_loop(first, last, body, init)
-    # Padding queries past the cache end may see no key at all; keep them finite.
-    return (acc / jnp.maximum(denom, 1e-30)[..., None]).astype(v_cache.dtype)
+    m, denom, acc = jax.lax.fori_loop(first, last, body, init)
+    # Padding queries (past the cache end, before the start) may see no key at all: their max
+    # is still _NEG and their sums hold the unmasked weight of 1 per slot; they get zeros.
+    out = jnp.where((m > _NEG)[..., None], acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+    return out.astype(v_cache.dtype)
 
 
 def write_cache(

@@ -17,8 +17,17 @@ from gemma_app.nn.transformer import Transformer, forward, init_cache, init_para
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="no C++ compiler for the CPU kernels")
 
-# (G, N, K): multiples of the vector width and awkward tails of both axes.
-SHAPES = [(1, 64, 64), (2, 37, 70), (3, 5, 33), (1, 300, 1), (4, 129, 640), (1, 96, 35)]
+# (G, N, K): multiples of the vector width and awkward tails of both axes; K past two of the
+# AMX GEMM's slices of w (256 rows) with a tail, and multiples of 32 (its unpacked path).
+SHAPES = [
+    (1, 64, 64),
+    (2, 37, 70),
+    (3, 5, 33),
+    (1, 300, 1),
+    (4, 129, 640),
+    (1, 96, 35),
+    (2, 48, 600),
+]
 
 
 def _reference(x, w, last):
@@ -30,7 +39,9 @@ def _reference(x, w, last):
     return np.einsum("mk,gnk->gmn", np.asarray(x, np.float64), w64)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
+# Up to 4 rows: the GEMV. More: the GEMM, whose AMX tiles take 16 rows (13), two row tiles (31),
+# and several blocks of 32 with a tail of one tile (40) or of a partial one (100).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 31, 40, 100])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("last", [True, False], ids=["contract_last", "contract_first"])
 def test_products_equal_fp64_reference(rows, dtype, last):
@@ -68,26 +79,36 @@ def test_prefill_products_skip_rows_past_the_needed_ones(dtype, last):
     assert compiles.count == 0
 
 
-def test_portable_bf16_loops_equal_the_reference(tmp_path):
-    """The library built without its AVX512-BF16 loops (what a CPU without them runs) gives the
-    same products: bf16-rounded x, fp32 sums."""
+@pytest.mark.parametrize(
+    "define",
+    [
+        "GEMMA_APP_NO_DPBF16",  # a CPU without AVX512-BF16: bf16 widened to fp32
+        "GEMMA_APP_NO_AMX",  # a CPU (or kernel) without AMX tiles: the vdpbf16ps loops
+    ],
+)
+def test_bf16_fallback_loops_equal_the_reference(tmp_path, define):
+    """The library built without its faster bf16 loops (what a CPU without them runs) gives the
+    same products: bf16-rounded x, fp32 sums. (Where the CPU lacks them, this is the default
+    build again.)"""
     import ctypes
 
     cxx = build.compiler()
-    path = tmp_path / "portable.so"
-    build._compile(cxx, path, defines=("GEMMA_APP_NO_DPBF16",))
+    path = tmp_path / "fallback.so"
+    build._compile(cxx, path, defines=(define,))
     lib = ctypes.cdll.LoadLibrary(str(path))
+    suffix = "_" + define.lower()
     for target, symbol in build.TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
-        jax.ffi.register_ffi_target(target + "_portable", capsule, platform="cpu")
+        jax.ffi.register_ffi_target(target + suffix, capsule, platform="cpu")
     rng = np.random.default_rng(7)
-    for (g, n, k), rows, last in zip(SHAPES, [1, 3, 4, 2, 9, 13], [True, False] * 3, strict=True):
+    rows_of = [1, 3, 4, 2, 9, 13, 40]
+    for (g, n, k), rows, last in zip(SHAPES, rows_of, [True, False] * 4, strict=False):
         w = jnp.asarray(rng.standard_normal((g, n, k) if last else (g, k, n), np.float32))
         w = w.astype(jnp.bfloat16)
         x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
         target = "gemma_app_gemv" if rows <= kernels.MAX_ROWS else "gemma_app_gemm"
         out = jax.ShapeDtypeStruct((g, rows, n), jnp.float32)
-        call = jax.ffi.ffi_call(target + "_portable", out)
+        call = jax.ffi.ffi_call(target + suffix, out)
         rows_operand = (jnp.int32(rows),) if target == "gemma_app_gemm" else ()
         got = call(x, w, jnp.int32(0), *rows_operand, contract_last=last)
         want = _reference(x, w, last)

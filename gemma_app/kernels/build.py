@@ -24,7 +24,8 @@ import jaxlib
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / "gemv.cc", _HERE / "attention.cc")  # compiled into one library
-HEADERS = (_HERE / "pool.h", _HERE / "vec.h")  # included by the sources: part of the key
+# Included by the sources: part of the cache key.
+HEADERS = (_HERE / "amx.h", _HERE / "pool.h", _HERE / "vec.h")
 TARGETS = {
     "gemma_app_gemv": "GemmaAppGemv",
     "gemma_app_gemm": "GemmaAppGemm",

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import LOGITS_ATOL
 
 from gemma_app.ckpt import (
     AccessDeniedError,
@@ -56,7 +57,6 @@ from gemma_app.nn import presets, transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden"
-LOGITS_ATOL = 1e-4
 LAYOUTS = (layouts.FLAT, layouts.NESTED, layouts.STACKED, layouts.KAULDRON)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 # What loading picks when no dtype is asked for: float32 on CPU, bfloat16 on accelerators.

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import LOGITS_ATOL
 
 from gemma_app.ckpt import (
     CheckpointMismatchError,
@@ -44,7 +45,6 @@ from gemma_app.nn import presets, transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden"
-LOGITS_ATOL = 1e-4
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 ORBAX = [
     "tiny-gemma4/FLAT", "tiny-gemma4/NESTED", "tiny-gemma4/KAULDRON", "tiny-gemma4/FLAT-bf16",

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LOGITS_ATOL
 
 from gemma_app.ckpt.hf_map import flatten_params, unflatten_params
 from gemma_app.nn import moe, presets
@@ -32,7 +33,6 @@ from gemma_app.text.sampler import Sampler
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 GOLDEN_PRESETS = ("tiny-gemma4", "tiny-gemma4-moe")
-LOGITS_ATOL = 1e-4
 L, G = AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL
 
 # Spec §1.1 "text" counts. They include the text-side projections of the encoders that live

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import LOGITS_ATOL
 
 from gemma_app.ckpt import hf_map
 from gemma_app.ckpt.hf_map import (
@@ -32,7 +33,6 @@ from gemma_app.nn.config import AttentionType
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden"
 GOLDEN_PRESETS = ("tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2", "tiny-gemma3")
-LOGITS_ATOL = 1e-4  # ours vs HF, float32 on CPU
 L, G = AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL
 
 

@@ -79,6 +79,21 @@ def test_prefill_products_skip_rows_past_the_needed_ones(dtype, last):
     assert compiles.count == 0
 
 
+@pytest.mark.parametrize("last", [True, False], ids=["contract_last", "contract_first"])
+def test_prefill_products_are_deterministic(last):
+    """However the threads split the work, the same call gives the same bits (contract_first
+    sums parts of K per thread: the parts and their order are fixed)."""
+    rng = np.random.default_rng(5)
+    g, n, k = 2, 96, 1100
+    w = jnp.asarray(rng.standard_normal((g, n, k) if last else (g, k, n), np.float32))
+    x = jnp.asarray(rng.standard_normal((40, k), np.float32))
+    fn = jax.jit(kernels.contract_last if last else kernels.contract_first)
+    w = w.astype(jnp.bfloat16)
+    first = np.asarray(fn(x, w))
+    for _ in range(20):
+        np.testing.assert_array_equal(np.asarray(fn(x, w)), first)
+
+
 @pytest.mark.parametrize(
     "define",
     [

@@ -681,6 +681,19 @@ void GemmPanel(const float* x, const W* w, float* y, int64_t M, int64_t N, int64
 // 32 products: twice an fp32 FMA's.
 constexpr int kMRDp = 8;
 
+// The 32 bf16 pairs (r0[j], r1[j]) of two rows' 32 values: j < 16 to lo, the rest to hi.
+inline void InterleavePairs32(const uint16_t* r0, const uint16_t* r1, uint32_t* lo,
+                              uint32_t* hi) {
+  alignas(64) static constexpr uint16_t kLo[32] = {
+      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i first = _mm512_load_si512(kLo);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  const __m512i a = _mm512_loadu_si512(r0), b = _mm512_loadu_si512(r1);
+  _mm512_storeu_si512(lo, _mm512_permutex2var_epi16(a, first, b));
+  _mm512_storeu_si512(hi, _mm512_permutex2var_epi16(a, second, b));
+}
+
 template <bool kLast>
 void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
                  uint32_t* __restrict panel) {
@@ -708,19 +721,10 @@ void PackPanelDp(const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0,
     }
   } else {  // w [K, N]: pair p interleaves rows 2p and 2p + 1 of w
     int64_t p = 0;
-    if (nr == kNR) {  // full panels: one two-source word permute per 16 outputs
-      alignas(64) static constexpr uint16_t kLo[32] = {
-          0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-          8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-      const __m512i lo = _mm512_load_si512(kLo);
-      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-      for (; 2 * p + 1 < K; ++p) {
-        const __m512i r0 = _mm512_loadu_si512(w + 2 * p * N + n0);
-        const __m512i r1 = _mm512_loadu_si512(w + (2 * p + 1) * N + n0);
-        _mm512_storeu_si512(panel + p * kNR, _mm512_permutex2var_epi16(r0, lo, r1));
-        _mm512_storeu_si512(panel + p * kNR + 16, _mm512_permutex2var_epi16(r0, hi, r1));
-      }
-    }
+    if (nr == kNR)  // full panels: one two-source word permute per 16 outputs
+      for (; 2 * p + 1 < K; ++p)
+        InterleavePairs32(w + 2 * p * N + n0, w + (2 * p + 1) * N + n0, panel + p * kNR,
+                          panel + p * kNR + 16);
     for (; p < P; ++p) {
       const uint16_t* r0 = w + 2 * p * N + n0;
       const uint16_t* r1 = 2 * p + 1 < K ? r0 + N : nullptr;
@@ -815,9 +819,9 @@ void GemmPanelDp(const RoundedX& x, const uint16_t* w, float* y, int64_t M, int6
 // Xeon, one core: ~1.9 TFLOP/s with the tiles in L1, ~1.0 from L2, ~0.5 from strided rows).
 //   contract_last, w [N, K]: units of 32 rows of w, read in place as row tiles (they already
 //     are bf16 pairs along K), against x's transposed tiles: the tiles compute y's transpose.
-//   contract_first, w [K, N]: units of kSliceRows rows of w (one contiguous stretch), their
-//     row pairs interleaved into column tiles, against x's tiles; each thread sums its slices
-//     into its own [G, M, N], added up at the end.
+//   contract_first, w [K, N]: slices of kSliceRows rows of w (one contiguous stretch), their
+//     row pairs interleaved into column tiles, against x's tiles; one run of slices per
+//     thread, each summed into its own [G, M, N], added up at the end.
 // Each unit requests the next one's weights into L2 while it computes (Lookahead). On Gemma 3
 // 1B's products at 100 rows, against the vdpbf16ps loops: 4.6 -> 2.9 ms for the gates, 3.4 ->
 // 2.6 ms for the down projection (in-process A/B, interleaved).
@@ -878,22 +882,13 @@ void GemmSliceAmx(const uint32_t* xa, int64_t x_steps, const uint16_t* w, float*
   auto at = [&](int64_t p, int64_t j) {
     return panel.data() + ((j / 16 * steps + p / 16) * 16 + p % 16) * 16 + j % 16;
   };
-  alignas(64) static constexpr uint16_t kLo[32] = {
-      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int64_t p = 0; p < steps * kAmxPairs; ++p) {
     const int64_t k = k0 + 2 * p;
     const uint16_t* r0 = k < k1 ? w + k * N : nullptr;
     const uint16_t* r1 = k + 1 < k1 ? r0 + N : nullptr;
     int64_t j = 0;
-    if (r1)  // 32 columns of both rows: one two-source word permute per 16 pairs
-      for (; j + 32 <= N; j += 32) {
-        const __m512i a = _mm512_loadu_si512(r0 + j), b = _mm512_loadu_si512(r1 + j);
-        _mm512_storeu_si512(at(p, j), _mm512_permutex2var_epi16(a, lo, b));
-        _mm512_storeu_si512(at(p, j + 16), _mm512_permutex2var_epi16(a, hi, b));
-      }
+    if (r1)
+      for (; j + 32 <= N; j += 32) InterleavePairs32(r0 + j, r1 + j, at(p, j), at(p, j + 16));
     for (; j < Nt; ++j)  // the columns left, and zeros past K and N
       *at(p, j) = r0 && j < N ? (r0[j] | static_cast<uint32_t>(r1 ? r1[j] : 0) << 16) : 0u;
   }
@@ -936,31 +931,29 @@ void GemmAllAmx(ffi::ThreadPool& pool, const RoundedX& x, const uint16_t* ws, fl
     });
     return;
   }
+  // The G x slices slices in `parts` runs of consecutive ones, one per thread, each summed
+  // into its own [G, Mt, Nt], then added in order: the same sums whichever thread takes which
+  // run (no claiming ahead, or the calling thread would take every run).
   const std::vector<uint32_t> xa = TilesOfX(x, Mt, false);
   const int64_t x_steps = x.P / kAmxPairs, Nt = RoundUp(N, 16);
-  const int64_t slices = (K + kSliceRows - 1) / kSliceRows, units = s.G * slices;
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), units);
-  std::vector<std::vector<float>> acc(threads, std::vector<float>(s.G * Mt * Nt, 0.f));
-  auto slice_of = [&](int64_t u) -> const uint16_t* {
-    return u < 0 ? nullptr : ws + (u / slices) * N * K + (u % slices) * kSliceRows * N;
-  };
-  auto bytes_of = [&](int64_t u) {
-    const int64_t k0 = u % slices * kSliceRows;
-    return u < 0 ? 0 : (std::min(K, k0 + kSliceRows) - k0) * N * 2;
-  };
-  ParallelFor(
-      pool, units,
-      [&](int64_t u, int64_t next, int64_t worker) {
-        const int64_t g = u / slices;
-        GemmSliceAmx(xa.data(), x_steps, ws + g * N * K, acc[worker].data() + g * Mt * Nt, Nt,
-                     M, N, K, u % slices * kSliceRows, slice_of(next), bytes_of(next));
-      },
-      threads);
+  const int64_t slices = (K + kSliceRows - 1) / kSliceRows, total = s.G * slices;
+  const int64_t parts = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), total);
+  std::vector<std::vector<float>> acc(parts, std::vector<float>(s.G * Mt * Nt, 0.f));
+  ParallelFor(pool, parts, [&](int64_t part, int64_t, int64_t) {
+    const int64_t end = (part + 1) * total / parts;
+    for (int64_t i = part * total / parts; i < end; ++i) {
+      const int64_t g = i / slices, k0 = i % slices * kSliceRows;
+      const int64_t next_k0 = (i + 1) % slices * kSliceRows;  // this run's next slice, if any
+      const uint16_t* next = i + 1 < end ? ws + (i + 1) / slices * N * K + next_k0 * N : nullptr;
+      GemmSliceAmx(xa.data(), x_steps, ws + g * N * K, acc[part].data() + g * Mt * Nt, Nt, M,
+                   N, K, k0, next, (std::min(K, next_k0 + kSliceRows) - next_k0) * N * 2);
+    }
+  }, parts, /*claim_next=*/false);
   for (int64_t g = 0; g < s.G; ++g)
     for (int64_t m = 0; m < M; ++m) {
       float* dst = ys + g * stride + m * N;
       std::copy_n(acc[0].data() + (g * Mt + m) * Nt, N, dst);
-      for (int64_t t = 1; t < threads; ++t) {
+      for (int64_t t = 1; t < parts; ++t) {
         const float* src = acc[t].data() + (g * Mt + m) * Nt;
         for (int64_t n = 0; n < N; ++n) dst[n] += src[n];
       }

@@ -61,7 +61,7 @@ def resolve_dtype(requested: str | None = None) -> DtypeChoice:
     The math is fp32 on CPU and the storage dtype elsewhere (`compute_dtype_for`). "auto"
     stores bf16, as checkpoints are released: on CPU the kernels (gemma_app/kernels, built on
     first use) read it at memory speed, so decode moves half the bytes of fp32 (Gemma 3 1B:
-    15.1 vs 9.3 tok/s, bench/RESULTS.md). Without the kernels XLA:CPU decodes bf16 weights
+    12.1 vs 7.1 tok/s on a Xeon, bench/RESULTS.md). Without the kernels XLA:CPU decodes bf16 weights
     ~20x slower, so "auto" is fp32 there and an explicit bf16 request gets a loud warning.
     """
     key = (requested or "auto").lower()

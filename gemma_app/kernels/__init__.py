@@ -16,7 +16,8 @@ computes on an accelerator; AVX512-BF16 CPUs run it at twice the fp32 rate):
     own GEMV runs bf16 weights at ~1.5 GB/s);
   - more rows (prefill chunks): a GEMM on panels of w packed in cache, widened to fp32 or, on
     AVX512-BF16, kept as bf16 pairs (XLA would need an fp32 copy of every bf16 weight per
-    chunk, and a sliced copy of every stacked layer).
+    chunk, and a sliced copy of every stacked layer); on CPUs with AMX, bf16 weights go
+    through its tiles (`amx.h`).
 Otherwise (GPUs, bf16 activations, `GEMMA_APP_KERNELS=0`, no compiler) they are XLA dots on
 the weights cast to x's dtype, with the same rounding of x. Both paths give the same numbers
 up to fp32 summation order (tests/test_kernels.py).
@@ -134,7 +135,8 @@ def _rounded_for(x2: jax.Array, weight_dtype) -> jax.Array:
 
     bf16 weights multiply bf16 activations: each product is exact in fp32 and only the fp32
     sums round, the numerics of a bf16 matmul on GPUs and TPUs. The kernels get the same
-    numbers from AVX512-BF16 instructions at twice the products per cycle of fp32 FMAs.
+    numbers from AVX512-BF16 instructions (twice the products per cycle of fp32 FMAs) or AMX
+    tiles.
     """
     if weight_dtype == jnp.bfloat16 and x2.dtype == jnp.float32:
         return x2.astype(jnp.bfloat16).astype(jnp.float32)

@@ -813,6 +813,19 @@ void GemmPanelDp(const RoundedX& x, const uint16_t* w, float* y, int64_t M, int6
 }
 #endif
 
+// Unit u of a contract_last GEMM over w [G][N, K]: panel u % panels (kNR rows) of group
+// u / panels. Its weights and their bytes, for the unit before it to request (Lookahead).
+struct PanelUnits {
+  const uint16_t* ws;
+  int64_t N, K, panels;
+  const uint16_t* Weights(int64_t u) const {  // null for no unit (u < 0)
+    return u < 0 ? nullptr : ws + (u / panels) * N * K + (u % panels) * kNR * K;
+  }
+  int64_t Bytes(int64_t u) const {
+    return u < 0 ? 0 : std::min(kNR, N - u % panels * kNR) * K * 2;
+  }
+};
+
 #ifdef GEMMA_APP_AMX
 // The bf16 GEMM on AMX tiles (amx.h). Both operands go in as 1 KB tiles: a tile loads fastest
 // from contiguous memory, and rows of a large array mostly come from L2 (measured on this
@@ -915,19 +928,15 @@ void GemmAllAmx(ffi::ThreadPool& pool, const RoundedX& x, const uint16_t* ws, fl
     const bool direct = K % (2 * kAmxPairs) == 0;  // else every unit packs a panel
     const std::vector<uint32_t> xt = direct ? TilesOfX(x, Mt, true) : std::vector<uint32_t>();
     const int64_t panels = (N + kNR - 1) / kNR;
-    auto weights_of = [&](int64_t u) -> const uint16_t* {  // unit u's rows of w, or null
-      return u < 0 ? nullptr : ws + (u / panels) * N * K + (u % panels) * kNR * K;
-    };
-    auto bytes_of = [&](int64_t u) {
-      return u < 0 ? 0 : std::min(kNR, N - u % panels * kNR) * K * 2;
-    };
+    const PanelUnits units{ws, N, K, panels};
     ParallelFor(pool, s.G * panels, [&](int64_t u, int64_t next, int64_t) {
       const int64_t g = u / panels, n0 = (u % panels) * kNR;
       if (direct && n0 + kNR <= N)
-        GemmRowsAmx(xt.data(), ws + g * N * K, ys + g * stride, M, N, K, n0, weights_of(next));
+        GemmRowsAmx(xt.data(), ws + g * N * K, ys + g * stride, M, N, K, n0,
+                    units.Weights(next));
       else
-        GemmPanelDp<true>(x, ws + g * N * K, ys + g * stride, M, N, K, n0, weights_of(next),
-                          bytes_of(next), true);
+        GemmPanelDp<true>(x, ws + g * N * K, ys + g * stride, M, N, K, n0, units.Weights(next),
+                          units.Bytes(next), true);
     });
     return;
   }
@@ -977,17 +986,12 @@ void GemmAll(ffi::ThreadPool& pool, const float* x, const W* ws, float* ys, cons
 #ifdef GEMMA_APP_DPBF16
     rx = std::make_unique<RoundedX>(x, M, K, /*with_f32=*/false);
     const RoundedX& xb = *rx;
-    auto weights_of = [&](int64_t u) -> const uint16_t* {  // unit u's rows of w, or null
-      return u < 0 ? nullptr : ws + (u / panels) * N * K + (u % panels) * kNR * K;
-    };
-    auto bytes_of = [&](int64_t u) {
-      return u < 0 ? 0 : std::min(kNR, N - u % panels * kNR) * K * 2;
-    };
+    const PanelUnits units{ws, N, K, panels};
     ParallelFor(pool, s.G * panels, [&](int64_t u, int64_t next, int64_t) {
       const int64_t g = u / panels, n0 = (u % panels) * kNR;
       if (contract_last)
         GemmPanelDp<true>(xb, ws + g * N * K, ys + g * stride, M, N, K, n0,
-                          weights_of(next), bytes_of(next), false);
+                          units.Weights(next), units.Bytes(next), false);
       else
         GemmPanelDp<false>(xb, ws + g * N * K, ys + g * stride, M, N, K, n0, nullptr, 0, false);
     });

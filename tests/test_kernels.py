@@ -18,7 +18,8 @@ from gemma_app.nn.transformer import Transformer, forward, init_cache, init_para
 pytestmark = pytest.mark.skipif(not build.load(), reason="no C++ compiler for the CPU kernels")
 
 # (G, N, K): multiples of the vector width and awkward tails of both axes; K past two of the
-# AMX GEMM's slices of w (256 rows) with a tail, and multiples of 32 (its unpacked path).
+# AMX GEMM's slices of w (256 rows) and several of the fp32 GEMM's blocks (128 rows) with a
+# tail, and multiples of 32 (the AMX GEMM's unpacked path).
 SHAPES = [
     (1, 64, 64),
     (2, 37, 70),
@@ -79,8 +80,9 @@ def test_prefill_products_skip_rows_past_the_needed_ones(dtype, last):
     assert compiles.count == 0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("last", [True, False], ids=["contract_last", "contract_first"])
-def test_prefill_products_are_deterministic(last):
+def test_prefill_products_are_deterministic(last, dtype):
     """However the threads split the work, the same call gives the same bits (contract_first
     sums parts of K per thread: the parts and their order are fixed)."""
     rng = np.random.default_rng(5)
@@ -88,7 +90,7 @@ def test_prefill_products_are_deterministic(last):
     w = jnp.asarray(rng.standard_normal((g, n, k) if last else (g, k, n), np.float32))
     x = jnp.asarray(rng.standard_normal((40, k), np.float32))
     fn = jax.jit(kernels.contract_last if last else kernels.contract_first)
-    w = w.astype(jnp.bfloat16)
+    w = w.astype(dtype)
     first = np.asarray(fn(x, w))
     for _ in range(20):
         np.testing.assert_array_equal(np.asarray(fn(x, w)), first)

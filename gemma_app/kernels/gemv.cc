@@ -767,7 +767,8 @@ void GemmColsBlocks(ffi::ThreadPool& pool, const float* xt, const W* ws, float* 
     if (static_cast<int64_t>(block.size()) < Nt * kKCBlock) block.resize(Nt * kKCBlock);
     const int64_t end = (part + 1) * total / parts;
     for (int64_t i = part * total / parts; i < end; ++i) {
-      const int64_t g = i / blocks, k0 = i % blocks * kKCBlock, kc = std::min(K, k0 + kKCBlock) - k0;
+      const int64_t g = i / blocks, k0 = i % blocks * kKCBlock;
+      const int64_t kc = std::min(K, k0 + kKCBlock) - k0;
       PackBlock(ws + g * N * K, N, k0, k0 + kc, Nt, block.data());
       float* a = acc[part].data() + g * Mt * Nt;
       for (int64_t n0 = 0; n0 < Nt; n0 += kNR)

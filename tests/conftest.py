@@ -25,6 +25,27 @@ def rerun_atol(stored) -> float:
     return max(1e-6, 5e-5 * float(np.abs(np.asarray(stored)).max()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unwritten_cache_slots_hold_nan():
+    """Every new KV cache in the tests is NaN, not the allocator's leftovers.
+
+    The engine never zeroes a cache (`kernels.attention.cache_array`): no reader may give an
+    unwritten slot anything but a zero weight by a select. NaN is the worst leftover, so every
+    cached test (cached == uncached, multi-turn == one shot, images, the app) checks that, and
+    test_attention_kernel.py runs the real allocation (`REAL_CACHE_ARRAY`).
+    """
+    import jax.numpy as jnp
+
+    from gemma_app.kernels import attention
+
+    def nan_cache(shape, dtype):
+        return jnp.full(shape, jnp.nan, dtype)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "cache_array", nan_cache)
+        yield
+
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_MODEL = ASSETS / "tokenizer.model"
 

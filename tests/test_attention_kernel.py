@@ -10,7 +10,13 @@ import pytest
 from gemma_app.kernels import attention as kernel_attention
 from gemma_app.kernels import build
 from gemma_app.nn import attention, presets
-from gemma_app.nn.transformer import Transformer, init_cache, init_params
+from gemma_app.nn.transformer import (
+    Transformer,
+    forward,
+    init_cache,
+    init_params,
+    stack_layers,
+)
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="no C++ compiler for the CPU kernels")
 
@@ -192,3 +198,34 @@ def test_kernel_rejects_mismatched_operands():
     for operands, message in bad:
         with pytest.raises(Exception, match=message):
             jax.block_until_ready(call(*operands, cap=np.float32(0)))
+
+
+# Taken at import, before conftest's session fixture makes every new cache NaN.
+REAL_CACHE_ARRAY = kernel_attention.cache_array
+
+
+@pytest.mark.skipif(not build.load(), reason="no C++ compiler: caches are zeros")
+def test_new_caches_are_unwritten_memory(monkeypatch):
+    """On CPU a new cache is the allocator's memory, not zeros written over it, and serves a
+    scanned-decoder prefill and decode steps with the uncached forward's logits."""
+    lowered = jax.jit(kernel_attention._cache_array, static_argnums=(0, 1)).lower(
+        (2, 512, 1, 8), jnp.dtype(jnp.bfloat16)
+    )
+    assert kernel_attention.UNWRITTEN in lowered.as_text()
+    array = REAL_CACHE_ARRAY((2, 512, 1, 8), jnp.bfloat16)
+    assert array.shape == (2, 512, 1, 8) and array.dtype == jnp.bfloat16
+    monkeypatch.setattr(kernel_attention, "cache_array", REAL_CACHE_ARRAY)
+    cfg = presets.tiny_gemma3()
+    official = init_params(cfg, seed=6)
+    params = stack_layers(cfg, official)
+    tokens = jax.random.randint(jax.random.key(5), (2, 30), 0, cfg.num_embed)
+    pos = jnp.broadcast_to(jnp.arange(30), (2, 30))
+    apply = jax.jit(Transformer(cfg).apply, donate_argnums=3)
+    cache = init_cache(cfg, batch=2, cache_length=attention.CACHE_CHUNK, stacked=True)
+    out, cache = apply({"params": params}, tokens[:, :20], pos[:, :20], cache)
+    steps = [out]
+    for t in range(20, 30):
+        out, cache = apply({"params": params}, tokens[:, t : t + 1], pos[:, t : t + 1], cache)
+        steps.append(out)
+    full = forward(cfg, official, tokens)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)

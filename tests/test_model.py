@@ -291,9 +291,9 @@ def test_padding_skipped_by_num_real_changes_no_real_output(stacked, dtype):
         np.testing.assert_array_equal(got, full)
         for a, b in zip(leaves(got_cache), leaves(full_cache), strict=True):
             np.testing.assert_array_equal(a[..., :n, :, :], b[..., :n, :, :])
-            assert np.isfinite(a).all()
+            assert np.isfinite(a[..., :32, :, :]).all()  # past slot 32: never written
             if kernels.build.load():  # skipped for real: zero rows give zero k and v
-                assert not a[..., n:, :, :].any()
+                assert not a[..., n:32, :, :].any()
     with pytest.raises(ValueError, match="batch of one row"):
         Transformer(cfg).apply(
             {"params": params}, jnp.tile(tokens, (2, 1)), jnp.tile(pos, (2, 1)),

@@ -30,6 +30,7 @@ TARGETS = {
     "gemma_app_gemv": "GemmaAppGemv",
     "gemma_app_gemm": "GemmaAppGemm",
     "gemma_app_decode_attention": "GemmaAppDecodeAttention",
+    "gemma_app_unwritten": "GemmaAppUnwritten",
 }
 _LOG = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ row b stores the token at position p in slot p, so causality, validity and the s
 are all read off slot indices and no positions array has to be carried between turns. A cache
 attends in chunks of at most `CACHE_CHUNK` slots (`key_chunk`) and stops at the last used chunk,
 so a decode step costs O(used length) (O(window) on local layers), not O(cache_length).
+A new cache is not zeroed (`kernels.attention.cache_array`): a slot past the last position
+written holds anything, even NaN, and every reader gives it zero weight by a select.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ def init_layer_cache(
     dtype,
     attn_type: AttentionType = AttentionType.LOCAL_SLIDING,
 ) -> LayerCache:
-    """Zeros `{"k", "v"}` of shape [B, S, K, H]; `length` must be a multiple of CACHE_CHUNK.
+    """`{"k", "v"}` of shape [B, S, K, H], values unspecified until written; `length` must be
+    a multiple of CACHE_CHUNK.
 
     K and H are those of `attn_type` layers (Gemma 4 global layers differ from local ones).
     """
     shape = (batch, length, config.layer_kv_heads(attn_type), config.layer_head_dim(attn_type))
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {
+        "k": kernel_attention.cache_array(shape, dtype),
+        "v": kernel_attention.cache_array(shape, dtype),
+    }
 
 
 def attention_mask(
@@ -176,6 +182,10 @@ def _attention_loop(q, k_cache, v_cache, q_pos, layer, window, *, cap, q_seg, se
         k = _cache_chunk(k_cache, start, size, layer)  # [B, C, K, H]
         v = _cache_chunk(v_cache, start, size, layer)
         k_pos = (start + jnp.arange(size))[None, :]  # slot == position
+        # Slots past the row's last position may never have been written (the cache is not
+        # zeroed): their logits are masked by the select below, their values here, since a
+        # zero weight times NaN is NaN.
+        v = jnp.where((k_pos <= row_end)[:, :, None, None], v, jnp.zeros((), v.dtype))
         k_seg = None
         if q_seg is not None:
             k_seg = jax.lax.dynamic_slice_in_dim(seg_cache, start, size, axis=1)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_app import kernels
+from gemma_app.kernels import attention as kernel_attention
 from gemma_app.nn import gemma4
 from gemma_app.nn.attention import CACHE_CHUNK, Attention, init_layer_cache
 from gemma_app.nn.config import AttentionType, TransformerConfig
@@ -204,7 +205,8 @@ def init_cache(
     dtype=jnp.float32,
     stacked: bool = False,
 ) -> Cache:
-    """A zero KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H].
+    """A KV cache for every layer: `{"layer_i": {"k", "v"}}` of [B, S, K, H], not zeroed (no
+    slot is read before it is written, see nn/attention.py).
 
     `stacked` (for stacked params, see `stack_layers`): `{"layers": {"k", "v"}}` of
     [L, B, S, K, H] instead. Gemma 4: K and H follow each layer's type, and KV-shared layers
@@ -215,7 +217,10 @@ def init_cache(
     if stacked:
         one = jax.eval_shape(lambda: init_layer_cache(config, batch, slots, dtype))  # no zeros
         cache = {
-            "layers": {n: jnp.zeros((config.num_layers, *a.shape), dtype) for n, a in one.items()}
+            "layers": {
+                n: kernel_attention.cache_array((config.num_layers, *a.shape), dtype)
+                for n, a in one.items()
+            }
         }
     elif config.family == 4:  # per-layer shapes; KV-shared layers own no entry
         cache = {

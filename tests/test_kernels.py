@@ -1,6 +1,7 @@
 """The CPU kernels (gemma_app/kernels): every product against XLA, and their use in the decoder."""
 
 import logging
+import platform
 import re
 
 import jax
@@ -96,6 +97,35 @@ def test_prefill_products_are_deterministic(last, dtype):
         np.testing.assert_array_equal(np.asarray(fn(x, w)), first)
 
 
+def _build_variant(tmp_path, name, defines=(), extra=()):
+    """The library built with `defines` / `extra` flags, its targets registered as
+    `target_<name>`: what a CPU without some instructions runs, tested on this one."""
+    import ctypes
+
+    path = tmp_path / f"{name}.so"
+    build._compile(build.compiler(), path, defines=defines, extra=extra)
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in build.TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+        jax.ffi.register_ffi_target(f"{target}_{name}", capsule, platform="cpu")
+    return name
+
+
+def _check_variant(name, dtype, rows_of, seed):
+    rng = np.random.default_rng(seed)
+    for (g, n, k), rows, last in zip(SHAPES, rows_of, [True, False] * 4, strict=False):
+        w = jnp.asarray(rng.standard_normal((g, n, k) if last else (g, k, n), np.float32))
+        w = w.astype(dtype)
+        x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
+        target = "gemma_app_gemv" if rows <= kernels.MAX_ROWS else "gemma_app_gemm"
+        out = jax.ShapeDtypeStruct((g, rows, n), jnp.float32)
+        call = jax.ffi.ffi_call(f"{target}_{name}", out)
+        rows_operand = (jnp.int32(rows),) if target == "gemma_app_gemm" else ()
+        got = call(x, w, jnp.int32(0), *rows_operand, contract_last=last)
+        want = _reference(x, w, last)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
 @pytest.mark.parametrize(
     "define",
     [
@@ -107,29 +137,25 @@ def test_bf16_fallback_loops_equal_the_reference(tmp_path, define):
     """The library built without its faster bf16 loops (what a CPU without them runs) gives the
     same products: bf16-rounded x, fp32 sums. (Where the CPU lacks them, this is the default
     build again.)"""
-    import ctypes
+    name = _build_variant(tmp_path, define.lower(), defines=(define,))
+    _check_variant(name, jnp.bfloat16, [1, 3, 4, 2, 9, 13, 40], seed=7)
 
-    cxx = build.compiler()
-    path = tmp_path / "fallback.so"
-    build._compile(cxx, path, defines=(define,))
-    lib = ctypes.cdll.LoadLibrary(str(path))
-    suffix = "_" + define.lower()
-    for target, symbol in build.TARGETS.items():
-        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
-        jax.ffi.register_ffi_target(target + suffix, capsule, platform="cpu")
-    rng = np.random.default_rng(7)
-    rows_of = [1, 3, 4, 2, 9, 13, 40]
-    for (g, n, k), rows, last in zip(SHAPES, rows_of, [True, False] * 4, strict=False):
-        w = jnp.asarray(rng.standard_normal((g, n, k) if last else (g, k, n), np.float32))
-        w = w.astype(jnp.bfloat16)
-        x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
-        target = "gemma_app_gemv" if rows <= kernels.MAX_ROWS else "gemma_app_gemm"
-        out = jax.ShapeDtypeStruct((g, rows, n), jnp.float32)
-        call = jax.ffi.ffi_call(target + suffix, out)
-        rows_operand = (jnp.int32(rows),) if target == "gemma_app_gemm" else ()
-        got = call(x, w, jnp.int32(0), *rows_operand, contract_last=last)
-        want = _reference(x, w, last)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 instruction sets"
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_avx2_build_equals_the_reference(avx2_library, dtype):
+    """Built without AVX-512 (an AVX2 CPU such as AMD's Zen 3: 16 vector registers, so the GEMM
+    takes 6 x 16 tiles, not 12 x 32), every product still matches: tails of both tile axes,
+    several K blocks, GEMV and GEMM."""
+    _check_variant(avx2_library, dtype, [1, 7, 4, 100, 13, 6, 40], seed=11)
+
+
+@pytest.fixture(scope="module")
+def avx2_library(tmp_path_factory):
+    """Registered once per process: XLA refuses a second library under the same names."""
+    return _build_variant(tmp_path_factory.mktemp("avx2"), "avx2", extra=("-mno-avx512f",))
 
 
 def test_leading_axes_and_ungrouped_weights():

@@ -71,14 +71,17 @@ def _library_path(cxx: str) -> pathlib.Path:
     return cache_dir() / f"gemv-{platform.machine()}-{digest}.so"
 
 
-def _compile(cxx: str, out: pathlib.Path, defines: tuple[str, ...] = ()) -> None:
+def _compile(
+    cxx: str, out: pathlib.Path, defines: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+) -> None:
     """Builds SOURCES into `out`; `defines` (-D...) select code paths, e.g. the tests build the
-    portable bf16 loops with GEMMA_APP_NO_DPBF16 on a CPU that has AVX512-BF16."""
+    portable bf16 loops with GEMMA_APP_NO_DPBF16 on a CPU that has AVX512-BF16; `extra` flags
+    go after the usual ones (the tests build an AVX2 library with -mno-avx512f)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = pathlib.Path(tmp) / out.name
-        flags = [*compile_flags(), *(f"-D{d}" for d in defines)]
+        flags = [*compile_flags(), *(f"-D{d}" for d in defines), *extra]
         cmd = [cxx, *flags, *map(str, SOURCES), "-o", str(tmp_out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -556,10 +556,15 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 }
 
 // Prefill products: y[g, m, n] for any M, without an fp32 copy of w. Weights are widened from
-// bf16 (or copied from fp32) into thread-local fp32 panels [k][32 outputs]; x is copied once
-// into tiles of 12 rows [k][12]. Per k a tile takes two panel loads, twelve broadcasts and 24
-// FMAs into 24 accumulator registers (~90% of the FMA peak with both in L1, on this Xeon).
-//   contract_last, w [N, K]: a panel is 32 rows of w over all of K, transposed; every tile
+// bf16 (or copied from fp32) into thread-local fp32 panels [k][kNR outputs]; x is copied once
+// into tiles of kMR rows [k][kMR]. Per k a tile takes two panel loads, kMR broadcasts and
+// 2 kMR FMAs into 2 kMR accumulator registers. The tile is sized to the register file:
+//   AVX-512 (32 registers of 16 floats): 12 x 32, 24 accumulators (~90% of the FMA peak with
+//     both operands in L1, on the Xeon these numbers come from);
+//   otherwise (AVX2's 16 registers of 8 floats; NEON's 32 of 4): 6 x 16, 12 accumulators.
+//     The 12 x 32 tile there needs 48 AVX2 registers: spilled, it ran at 4 GFLOP/s on a Zen 3
+//     EPYC, 30x slower than XLA's dot (tiny -m gemm probe in bench/README.md).
+//   contract_last, w [N, K]: a panel is kNR rows of w over all of K, transposed; every tile
 //     of x runs against it kKC values of k at a time.
 //   contract_first, w [K, N]: blocks of kKCBlock whole rows of w, packed into panels, each
 //     against every tile (GemmColsBlocks).
@@ -569,8 +574,17 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // Measured against the 6-row tiles reading x in place, Gemma 3 1B fp32 at 100 rows (in-process
 // A/B): gates 14.4 -> 13.1-14.3 ms, down 8.8-9.3 -> 7.1-7.7 ms; TTFT(100) 994 -> 734 ms with
 // the broadcast fix in Tile.
+#ifdef __AVX512F__
 constexpr int kMR = 12;
 constexpr int64_t kNR = 32;
+typedef F32x16 PanelVec;  // half a panel row: one register
+#else
+constexpr int kMR = 6;
+constexpr int64_t kNR = 16;
+typedef float PanelVec __attribute__((vector_size(32)));  // one AVX2 register, two NEON ones
+#endif
+constexpr int64_t kHalf = kNR / 2;  // floats in a PanelVec
+static_assert(sizeof(PanelVec) == kHalf * sizeof(float));
 constexpr int64_t kKC = 256;       // contract_last: k per pass over the tiles (32 KB of panel)
 constexpr int64_t kKCBlock = 128;  // contract_first: rows of w per block (5% ahead of 256)
 
@@ -631,7 +645,7 @@ void PackPanel(const W* __restrict w, int64_t K, int64_t N, int64_t n0,
       TransposeRows32(reinterpret_cast<const char*>(w + n0 * K), K * 4, K,
                       reinterpret_cast<uint32_t*>(panel), &start);
   }
-  // In blocks of 64 k, so the 8 KB of panel being written stays in L1 across the 32 rows.
+  // In blocks of 64 k, so the panel slice being written stays in L1 across its kNR rows.
   constexpr int64_t kKB = 64;
   for (int64_t k0 = start; k0 < K; k0 += kKB) {
     const int64_t k1 = std::min(K, k0 + kKB);
@@ -677,13 +691,18 @@ std::vector<float> TilesOfRows(const float* x, int64_t M, int64_t K) {
 template <int R>
 void Tile(const float* __restrict xt, int64_t kc, const float* __restrict panel,
           float* __restrict y, int64_t N, int64_t nr, bool add) {
-  F32x16 acc[R][2] = {};
+  auto load = [](const float* p) {
+    PanelVec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  PanelVec acc[R][2] = {};
   if (add && nr == kNR)
-    for (int i = 0; i < R; ++i) acc[i][0] = Load16(y + i * N), acc[i][1] = Load16(y + i * N + 16);
+    for (int i = 0; i < R; ++i) acc[i][0] = load(y + i * N), acc[i][1] = load(y + i * N + kHalf);
   for (int64_t k = 0; k < kc; ++k) {
-    const F32x16 b0 = Load16(panel + k * kNR), b1 = Load16(panel + k * kNR + 16);
+    const PanelVec b0 = load(panel + k * kNR), b1 = load(panel + k * kNR + kHalf);
     for (int i = 0; i < R; ++i) {
-      // Scalar times vector: a bare broadcast load. (F32x16{} + x costs a vaddss per row on
+      // Scalar times vector: a bare broadcast load. (PanelVec{} + x costs a vaddss per row on
       // the FMA ports, since x + 0 is not x for x = -0: the kernel ran at half the FMA peak.)
       const float a = xt[k * kMR + i];
       acc[i][0] += a * b0;
@@ -693,7 +712,7 @@ void Tile(const float* __restrict xt, int64_t kc, const float* __restrict panel,
   for (int i = 0; i < R; ++i) {
     float out[kNR];
     std::memcpy(out, &acc[i][0], sizeof acc[i][0]);
-    std::memcpy(out + 16, &acc[i][1], sizeof acc[i][1]);
+    std::memcpy(out + kHalf, &acc[i][1], sizeof acc[i][1]);
     float* dst = y + i * N;
     if (add && nr < kNR)
       for (int64_t j = 0; j < nr; ++j) dst[j] += out[j];

@@ -146,102 +146,143 @@ struct RoundedX {
   }
 };
 
+// The GEMV loops below work in vectors of one register: 16 floats on AVX-512, 8 on AVX2 (two
+// NEON registers). Written in F32x16 on AVX2 they need twice the 16 registers it has.
+#ifdef __AVX512F__
+typedef F32x16 VecF;
+typedef U32x16 VecU;
+#else
+typedef float VecF __attribute__((vector_size(32)));
+typedef uint32_t VecU __attribute__((vector_size(32)));
+#endif
+constexpr int64_t kLanes = sizeof(VecF) / sizeof(float);
+
+inline VecF LoadV(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline VecF LoadV(const uint16_t* p) {
+  typedef uint16_t HalfU __attribute__((vector_size(kLanes * 2)));
+  HalfU h;
+  std::memcpy(&h, p, sizeof h);
+  const VecU u = __builtin_convertvector(h, VecU) << 16;
+  VecF v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline float SumV(VecF v) {
+#ifdef __AVX512F__
+  return Sum(v);
+#else
+  float s[kLanes];
+  std::memcpy(s, &v, sizeof s);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+#endif
+}
+
 // y[m, n] for rows n in [n0, n1) of one w [N, K] (contraction axis contiguous). Four weight
 // rows per pass share each load of x and give four independent accumulator chains per x row.
 template <typename W, int M>
 void RowsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int64_t N, int64_t n0,
                int64_t n1, float* __restrict y) {
   constexpr int R = 4;
-  const int64_t k16 = K / 16 * 16;
+  const int64_t kv = K / kLanes * kLanes;
   Prefetch ahead(w + n0 * K, w + n1 * K);
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
-    F32x16 acc[M][R] = {};
-    for (int64_t k = 0; k < k16; k += 16) {
-      ahead.Advance(R * 16 * sizeof(W));
-      F32x16 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = Load16(w + (n + r) * K + k);
+    VecF acc[M][R] = {};
+    for (int64_t k = 0; k < kv; k += kLanes) {
+      ahead.Advance(R * kLanes * sizeof(W));
+      VecF wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = LoadV(w + (n + r) * K + k);
       for (int m = 0; m < M; ++m) {
-        const F32x16 xv = Load16(x + m * K + k);
+        const VecF xv = LoadV(x + m * K + k);
         for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
       }
     }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) {
-        float s = Sum(acc[m][r]);
-        for (int64_t k = k16; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
+        float s = SumV(acc[m][r]);
+        for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
         y[m * N + n + r] = s;
       }
   }
   for (; n < n1; ++n) {
     for (int m = 0; m < M; ++m) {
-      F32x16 acc = {};
-      for (int64_t k = 0; k < k16; k += 16) acc += Load16(x + m * K + k) * Load16(w + n * K + k);
-      float s = Sum(acc);
-      for (int64_t k = k16; k < K; ++k) s += x[m * K + k] * Widen(w[n * K + k]);
+      VecF acc = {};
+      for (int64_t k = 0; k < kv; k += kLanes) acc += LoadV(x + m * K + k) * LoadV(w + n * K + k);
+      float s = SumV(acc);
+      for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * Widen(w[n * K + k]);
       y[m * N + n] = s;
     }
   }
 }
 
 #ifndef GEMMA_APP_DPBF16
-// The bf16 version of RowsBlock. A 64-byte load holds 32 weights as 16 lanes of two: element
-// 2j is the low half of lane j, element 2j+1 the high half. `lane << 16` and `lane & 0xffff0000`
-// are those two as fp32 with no cross-lane shuffle, against x split the same way once per call
-// (xs: per 32-block, x's even elements then its odd ones). This halves the work per weight,
-// which is what bounded the widening loads on a 2-vCPU machine.
+// The bf16 version of RowsBlock. A one-register load holds 2 kLanes weights as kLanes lanes of
+// two: element 2j is the low half of lane j, element 2j+1 the high half. `lane << 16` and
+// `lane & 0xffff0000` are those two as fp32 with no cross-lane shuffle, against x split the
+// same way once per call (xs: per block of 2 kLanes, x's even elements then its odd ones).
+// This halves the work per weight, which is what bounded the widening loads on a 2-vCPU
+// machine.
 template <int M>
 void RowsBlockBf16(const float* __restrict x, const float* __restrict xs,
                    const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0, int64_t n1,
                    float* __restrict y) {
   constexpr int R = 4;
-  const int64_t k32 = K / 32 * 32;
-  const U32x16 high = U32x16{} + 0xffff0000u;
-  auto halves = [&](const uint16_t* p, F32x16& even, F32x16& odd) {
-    U32x16 lanes;
+  constexpr int64_t kBlock = 2 * kLanes;
+  const int64_t kb = K / kBlock * kBlock;
+  const VecU high = VecU{} + 0xffff0000u;
+  auto halves = [&](const uint16_t* p, VecF& even, VecF& odd) {
+    VecU lanes;
     std::memcpy(&lanes, p, sizeof lanes);
-    const U32x16 e = lanes << 16, o = lanes & high;
+    const VecU e = lanes << 16, o = lanes & high;
     std::memcpy(&even, &e, sizeof even);
     std::memcpy(&odd, &o, sizeof odd);
   };
   Prefetch ahead(w + n0 * K, w + n1 * K);
   for (int64_t n = n0; n < n1; n += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
-    F32x16 acc[M][R] = {};
-    for (int64_t k = 0; k < k32; k += 32) {
-      ahead.Advance(R * 32 * sizeof(uint16_t));
-      F32x16 even[R], odd[R];
+    VecF acc[M][R] = {};
+    for (int64_t k = 0; k < kb; k += kBlock) {
+      ahead.Advance(R * kBlock * sizeof(uint16_t));
+      VecF even[R], odd[R];
       for (int r = 0; r < R; ++r) {
         if (r < rows) halves(w + (n + r) * K + k, even[r], odd[r]);
-        else even[r] = odd[r] = F32x16{};
+        else even[r] = odd[r] = VecF{};
       }
       for (int m = 0; m < M; ++m) {
-        const F32x16 xe = Load16(xs + m * K + k), xo = Load16(xs + m * K + k + 16);
+        const VecF xe = LoadV(xs + m * K + k), xo = LoadV(xs + m * K + k + kLanes);
         for (int r = 0; r < R; ++r) acc[m][r] += xe * even[r] + xo * odd[r];
       }
     }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < rows; ++r) {
-        float s = Sum(acc[m][r]);
-        for (int64_t k = k32; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
+        float s = SumV(acc[m][r]);
+        for (int64_t k = kb; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
         y[m * N + n + r] = s;
       }
   }
 }
 
-// xs for RowsBlockBf16: per 32-block of each row of x [M, K], its even then its odd elements.
+// xs for RowsBlockBf16: per block of 2 kLanes of each row of x [M, K], its even then its odd
+// elements.
 std::vector<float> SplitEvenOdd(const float* x, int64_t M, int64_t K) {
   std::vector<float> xs(M * K);
-  const int64_t k32 = K / 32 * 32;
+  constexpr int64_t kBlock = 2 * kLanes;
+  const int64_t kb = K / kBlock * kBlock;
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     float* out = xs.data() + m * K;
-    for (int64_t k = 0; k < k32; k += 32)
-      for (int j = 0; j < 16; ++j) {
+    for (int64_t k = 0; k < kb; k += kBlock)
+      for (int64_t j = 0; j < kLanes; ++j) {
         out[k + j] = xr[k + 2 * j];
-        out[k + 16 + j] = xr[k + 2 * j + 1];
+        out[k + kLanes + j] = xr[k + 2 * j + 1];
       }
-    for (int64_t k = k32; k < K; ++k) out[k] = xr[k];
+    for (int64_t k = kb; k < K; ++k) out[k] = xr[k];
   }
   return xs;
 }

@@ -22,8 +22,8 @@ run is 2.0e-4 from HF in float64 (`hf/logits_f64`), and ours is 3.1e-4 from it; 
 (|x| <= 4.3) carry ~1e-5 of rounding in both implementations (HF float32 vs float64 8.6e-6,
 ours vs HF float64 8.8e-6), which this tiny random decoder amplifies about 30 times at the image
 positions. So the soft tokens and the decoder are held to 1e-4 each, and the whole chain to
-`max(1e-4, 2 x HF's own float32 error)` against both HF runs (4.1e-4 here, 1e-4 on the MoE
-golden); from the raw image and waveform through our preprocessing the figure is the same
+`max(2e-4, 2 x HF's own float32 error)` against both HF runs (4.1e-4 here, 2e-4 on the MoE
+golden; CHAIN_ATOL below); from the raw image and waveform through our preprocessing the figure is the same
 3.3e-4 (our patches are bit-identical to HF's, log-mel features 4.8e-7 away).
 
 `tiny-gemma4-mm2.npz` puts two images (224x224 and 100x300: 36 and 30 tokens) and two clips
@@ -38,7 +38,7 @@ float32 ones are (6.6e-6 vs 6.9e-6), they just round the other way, and the deco
 float64 tokens lands 4.1e-5 from HF float64; a random 1e-5 nudge of the first image token
 alone moves the logits by 1.1e-3. So `_check_two_chain` keeps the rule above against HF
 float64 and, by the triangle inequality, allows one more `e` against HF float32 (9.9e-4),
-while holding every text position to 1e-4.
+while holding every text position to CHAIN_ATOL (2e-4).
 
 Whole-model parameter counts (`test_whole_model_parameter_counts`): text `abstract_params` +
 `vision4.abstract_params` + `mm_embedder_shapes` + `audio.abstract_params` +
@@ -75,6 +75,13 @@ TWO = "tiny-gemma4-mm2"  # two images and two clips in one prompt (E-style text 
 PRESETS = {**GOLDENS, TWO: "tiny-gemma4"}
 IMAGE_ID, AUDIO_ID = 250, 251  # the script's `TOKEN_IDS` inside the 256-token tiny vocabulary
 ATOL = 1e-4
+# The whole chain (encoders, then the decoder) compounds the encoders' float32 rounding, and
+# how it rounds depends on the CPU's vector code: on an Intel Xeon (AVX-512) the MoE chain
+# measured 6.8e-5 to 7.0e-5 and the E-style two-image text positions <= 7.2e-5; on an AMD
+# Zen 3 (AVX2 only, the same commit, and also before session 15's kernel changes) 1.02e-4 to
+# 1.04e-4 and 1.2e-4. The pieces alone (soft tokens, the decoder on HF's soft tokens) stay
+# held to ATOL on both.
+CHAIN_ATOL = 2e-4
 
 SPEC_TOTALS = {  # spec §1.1, measured on the gemma library (eval_shape, encoders included)
     "gemma4-e2b": 5_123_178_851,
@@ -292,9 +299,10 @@ def test_soft_tokens_match_hf(name):
 
 
 def _chain_tolerance(name: str) -> float:
-    """ATOL, or twice HF's own float32 error on this prompt if that is larger (see the top)."""
+    """CHAIN_ATOL, or twice HF's own float32 error on this prompt if that is larger (see the
+    top)."""
     golden = _golden(name)
-    return max(ATOL, 2 * float(np.abs(golden["hf/logits"] - golden["hf/logits_f64"]).max()))
+    return max(CHAIN_ATOL, 2 * float(np.abs(golden["hf/logits"] - golden["hf/logits_f64"]).max()))
 
 
 def _check_chain(name: str, logits: np.ndarray, what: str) -> None:
@@ -462,22 +470,23 @@ def _two_splits() -> list[tuple[int, ...]]:
 def _check_two_chain(logits: np.ndarray, what: str) -> None:
     """The E-style rule, made exact for this prompt (see `test_two_images_two_clips_...`).
 
-    At text positions (brackets included) ours is held to ATOL against both HF runs. At soft
+    At text positions (brackets included) ours is held to CHAIN_ATOL against both HF runs. At soft
     token positions the tiny random decoder amplifies the ~5e-6 float32 rounding of the image
     tokens about 100 times (a random 1e-5 nudge of the first image token alone moves its
-    logits by 1.1e-3): there ours is held to `max(ATOL, 3e)` against HF in float64, `e` being
+    logits by 1.1e-3): there ours is held to `max(CHAIN_ATOL, 3e)` against HF in float64, `e` being
     HF's own float32 error (measured: 6.35e-4 against 9.9e-4), and, by the triangle
-    inequality, `max(ATOL, 4e)` against HF's float32 run, whose rounding of the same tokens
+    inequality, `max(CHAIN_ATOL, 4e)` against HF's float32 run, whose rounding of the same tokens
     goes the other way (9.6e-4 against 1.3e-3). The factors leave room for other CPUs' float
-    rounding; text positions (7.2e-5) and the decoder alone (6.6e-5) are held to ATOL.
+    rounding; text positions (7.2e-5 on a Xeon, 1.2e-4 on a Zen 3) are held to CHAIN_ATOL and the
+    decoder alone (6.6e-5) to ATOL.
     """
     golden = _golden(TWO)
     text = _segments_many(golden["input_ids"])[0] == 0
     own = float(np.abs(golden["hf/logits"] - golden["hf/logits_f64"]).max())
     for key, factor in (("hf/logits_f64", 3), ("hf/logits", 4)):
         diff = np.abs(logits - golden[key])[0].max(axis=-1)  # [T]
-        tol = max(ATOL, factor * own)
-        assert diff[text].max() <= ATOL, f"{what} vs {key} at text: {diff[text].max():.3g}"
+        tol = max(CHAIN_ATOL, factor * own)
+        assert diff[text].max() <= CHAIN_ATOL, f"{what} vs {key} at text: {diff[text].max():.3g}"
         assert diff.max() <= tol, f"{what} vs {key}: {diff.max():.3g} > {tol:.3g}"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import rerun_atol
 
 from gemma_app import audio_input, media
 from gemma_app.ckpt.hf_map import flatten_params, unflatten_params
@@ -275,4 +276,10 @@ def test_golden_still_comes_out_of_transformers(tmp_path):
         for key in fresh.files:
             if key.startswith("meta/"):
                 continue
-            np.testing.assert_array_equal(fresh[key], golden()[key], err_msg=key)
+            stored = golden()[key]
+            if np.issubdtype(stored.dtype, np.floating):  # torch's fp32 sums: CPU-dependent
+                np.testing.assert_allclose(
+                    fresh[key], stored, rtol=0, atol=rerun_atol(stored), err_msg=key
+                )
+            else:
+                np.testing.assert_array_equal(fresh[key], stored, err_msg=key)

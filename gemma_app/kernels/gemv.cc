@@ -152,34 +152,18 @@ struct RoundedX {
 typedef F32x16 VecF;
 typedef U32x16 VecU;
 #else
-typedef float VecF __attribute__((vector_size(32)));
-typedef uint32_t VecU __attribute__((vector_size(32)));
+typedef F32x8 VecF;
+typedef U32x8 VecU;
 #endif
 constexpr int64_t kLanes = sizeof(VecF) / sizeof(float);
 
-inline VecF LoadV(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline VecF LoadV(const uint16_t* p) {
-  typedef uint16_t HalfU __attribute__((vector_size(kLanes * 2)));
-  HalfU h;
-  std::memcpy(&h, p, sizeof h);
-  const VecU u = __builtin_convertvector(h, VecU) << 16;
-  VecF v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
+inline VecF LoadV(const float* p) { return LoadAs<VecF>(p); }
+inline VecF LoadV(const uint16_t* p) { return LoadAs<VecF>(p); }
 inline float SumV(VecF v) {
 #ifdef __AVX512F__
   return Sum(v);
 #else
-  float s[kLanes];
-  std::memcpy(s, &v, sizeof s);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t i = 0; i < width; ++i) s[i] += s[i + width];
-  return s[0];
+  return SumTree(v);
 #endif
 }
 

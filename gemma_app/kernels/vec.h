@@ -15,6 +15,23 @@ namespace gemma_app {
 typedef float F32x16 __attribute__((vector_size(64)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef float F32x8 __attribute__((vector_size(32)));  // one AVX2 register
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+
+// The integer vectors that widen bf16 values into a vector V of fp32 lanes.
+template <typename V>
+struct WidenTypes;
+template <>
+struct WidenTypes<F32x16> {
+  typedef U16x16 Half;
+  typedef U32x16 Word;
+};
+template <>
+struct WidenTypes<F32x8> {
+  typedef U16x8 Half;
+  typedef U32x8 Word;
+};
 
 inline float Widen(float v) { return v; }
 inline float Widen(uint16_t v) {
@@ -24,30 +41,42 @@ inline float Widen(uint16_t v) {
   return f;
 }
 
-inline F32x16 Load16(const float* p) {
-  F32x16 v;
+// A vector V of fp32 lanes from as many floats, or from as many bf16 values (widened).
+template <typename V>
+inline V LoadAs(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline F32x16 Load16(const uint16_t* p) {
-  U16x16 h;
+template <typename V>
+inline V LoadAs(const uint16_t* p) {
+  typedef typename WidenTypes<V>::Half Half;
+  typedef typename WidenTypes<V>::Word Word;
+  Half h;
   std::memcpy(&h, p, sizeof h);
-  const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
-  F32x16 v;
+  const Word u = __builtin_convertvector(h, Word) << 16;
+  V v;
   std::memcpy(&v, &u, sizeof v);
   return v;
 }
+inline F32x16 Load16(const float* p) { return LoadAs<F32x16>(p); }
+inline F32x16 Load16(const uint16_t* p) { return LoadAs<F32x16>(p); }
 
-// The sum of the 16 lanes as a tree (halves, quarters, ...): 4 dependent adds, not 15.
+// The sum of V's lanes as a tree (halves, quarters, ...): log2(lanes) dependent adds.
+template <typename V>
+inline float SumTree(V v) {
+  constexpr int kN = sizeof(V) / sizeof(float);
+  float s[kN];
+  std::memcpy(s, &v, sizeof s);
+  for (int width = kN / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+}
 inline float Sum(F32x16 v) {
 #ifdef __AVX512F__
   return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
 #else
-  float s[16];
-  std::memcpy(s, &v, sizeof s);
-  for (int width = 8; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) s[i] += s[i + width];
-  return s[0];
+  return SumTree(v);
 #endif
 }
 

@@ -606,7 +606,7 @@ typedef F32x16 PanelVec;  // half a panel row: one register
 #else
 constexpr int kMR = 6;
 constexpr int64_t kNR = 16;
-typedef float PanelVec __attribute__((vector_size(32)));  // one AVX2 register, two NEON ones
+typedef F32x8 PanelVec;  // one AVX2 register, two NEON ones
 #endif
 constexpr int64_t kHalf = kNR / 2;  // floats in a PanelVec
 static_assert(sizeof(PanelVec) == kHalf * sizeof(float));
@@ -716,11 +716,7 @@ std::vector<float> TilesOfRows(const float* x, int64_t M, int64_t K) {
 template <int R>
 void Tile(const float* __restrict xt, int64_t kc, const float* __restrict panel,
           float* __restrict y, int64_t N, int64_t nr, bool add) {
-  auto load = [](const float* p) {
-    PanelVec v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  };
+  auto load = [](const float* p) { return LoadAs<PanelVec>(p); };
   PanelVec acc[R][2] = {};
   if (add && nr == kNR)
     for (int i = 0; i < R; ++i) acc[i][0] = load(y + i * N), acc[i][1] = load(y + i * N + kHalf);

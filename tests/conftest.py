@@ -1,10 +1,20 @@
 """Shared pytest fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from gemma_app.text.tokenizer import Tokenizer
+from gemma_app.text.tokenizer import Tokenizer  # imports JAX, but starts no backend
+
+# The suite compiles hundreds of small XLA programs, and most of its time is XLA:CPU's compiler
+# (LLVM optimising each tiny kernel). At LLVM's lowest level tests/test_model.py took 55 s
+# instead of 82 on the 2-core AMD EPYC; tests that run long decodes get a little slower. The
+# HLO under test is the same, and the CPU kernels (gemma_app/kernels) are built by gcc as
+# always. Set before JAX starts a backend; a user's XLA_FLAGS that name a level win.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 # Ours vs the reference's logits, fp32 on CPU. The tiny models' logits reach 18-33, and the
 # summation order of XLA:CPU's fp32 code differs between CPUs: every golden was within 1e-4 on
@@ -44,6 +54,24 @@ def unwritten_cache_slots_hold_nan():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(attention, "cache_array", nan_cache)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kaggle_test_endpoint():
+    """kagglesdk's TEST environment (`KAGGLE_API_ENVIRONMENT=TEST`, what the Kaggle tests set)
+    talks to a loopback port of this process's own, not the fixed localhost:7777.
+
+    Test processes that run side by side (pytest-xdist) then never reach each other's fake
+    Kaggle server, and a test that starts none is refused. `fake_kaggle` serves this port.
+    """
+    from kagglesdk import kaggle_env
+
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(
+            kaggle_env._env_to_endpoint, kaggle_env.KaggleEnv.TEST, f"http://localhost:{port}"
+        )
+        yield port
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

@@ -3,7 +3,8 @@
 * orbax FLAT / NESTED / STACKED / KAULDRON -> exactly the arrays written, bf16 and fp32;
 * Kaggle through the real `kagglehub.model_download`: a pinned handle resolves offline from
   a kagglehub cache directory; downloads and HTTP errors go to a loopback fake of the Kaggle
-  API (kagglesdk's `KAGGLE_API_ENVIRONMENT=TEST` endpoint, http://localhost:7777) - nothing in
+  API (kagglesdk's `KAGGLE_API_ENVIRONMENT=TEST` endpoint, moved to a port of the test process's
+  own by conftest's `kaggle_test_endpoint`) - nothing in
   kagglehub or orbax is mocked;
 * Hugging Face safetensors of the golden weights reproduce the transformers logits;
 * every user-facing error is triggered and its message checked.
@@ -185,8 +186,9 @@ def test_partial_vision_weights_are_listed_when_loading_vision(fx):
 def kaggle_env(monkeypatch, tmp_path):
     """No credentials anywhere, a private HOME, and kagglesdk's API endpoint on loopback.
 
-    With `KAGGLE_API_ENVIRONMENT=TEST` kagglesdk talks to http://localhost:7777; a test that
-    does not start `FakeKaggle` therefore proves it made no request (it would be refused).
+    With `KAGGLE_API_ENVIRONMENT=TEST` kagglesdk talks to a loopback port (conftest's
+    `kaggle_test_endpoint`); a test that does not start `FakeKaggle` therefore proves it made
+    no request (it would be refused).
     """
     home = tmp_path / "home"
     home.mkdir()
@@ -308,12 +310,10 @@ class FakeKaggle:
 
 
 @pytest.fixture
-def fake_kaggle(fx, kaggle_env):
-    """Serves `fx.kaggle_files` on 127.0.0.1:7777 for one test; loopback only."""
-    try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 7777), _FakeKaggleHandler)
-    except OSError as error:
-        pytest.skip(f"port 7777 (kagglesdk's TEST endpoint) is busy: {error}")
+def fake_kaggle(fx, kaggle_env, kaggle_test_endpoint):
+    """Serves `fx.kaggle_files` at kagglesdk's TEST endpoint for one test; loopback only."""
+    address = ("127.0.0.1", kaggle_test_endpoint)
+    server = http.server.ThreadingHTTPServer(address, _FakeKaggleHandler)
     server.daemon_threads = True
     server.state = FakeKaggle(files=fx.kaggle_files)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})

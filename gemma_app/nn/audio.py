@@ -442,10 +442,13 @@ def _example_inputs(audio_config: AudioConfig):
 
 def init_params(audio_config: AudioConfig, *, seed: int = 0, dtype=_f32) -> dict:
     """Deterministic random `audio_encoder` parameters (tests and the demo)."""
-    model = AudioEncoder(audio_config, param_dtype=dtype)
+    return _init_params(audio_config, jnp.dtype(dtype), jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compile per config (seed as data)
+def _init_params(audio_config: AudioConfig, dtype, rng: jax.Array) -> dict:
     features, mask = (jnp.zeros(s.shape, s.dtype) for s in _example_inputs(audio_config))
-    init = jax.jit(lambda rng: model.init(rng, features, mask)["params"])
-    return init(jax.random.key(seed))
+    return AudioEncoder(audio_config, param_dtype=dtype).init(rng, features, mask)["params"]
 
 
 def abstract_params(audio_config: AudioConfig, dtype=_f32) -> dict:

@@ -301,10 +301,15 @@ def unstack_layers(params: dict) -> dict:
 
 def init_params(config: TransformerConfig, *, seed: int = 0, dtype=jnp.float32) -> dict:
     """Deterministic random parameters in the official nested tree (tests and the demo)."""
-    model = Transformer(config, param_dtype=dtype)
+    return _init_params(config, jnp.dtype(dtype), jax.random.key(seed))
+
+
+# One compiled init per config and dtype, the seed as data: XLA:CPU takes seconds to compile
+# the random draws of every leaf (tiny_gemma3: ~5 s), and tests and demos ask again and again.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_params(config: TransformerConfig, dtype, rng: jax.Array) -> dict:
     tokens = jnp.zeros((1, 1), jnp.int32)
-    init = jax.jit(lambda rng: model.init(rng, tokens, tokens)["params"])
-    return init(jax.random.key(seed))
+    return Transformer(config, param_dtype=dtype).init(rng, tokens, tokens)["params"]
 
 
 def abstract_params(config: TransformerConfig, dtype=jnp.float32) -> dict:

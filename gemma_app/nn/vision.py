@@ -294,11 +294,14 @@ def encode_images(vision_config: VisionConfig, params_vision: dict, images: jax.
 
 def init_params(vision_config: VisionConfig, *, seed: int = 0, dtype=_f32) -> dict:
     """Deterministic random `vision_encoder` parameters (tests and the demo)."""
-    model = VisionEncoder(vision_config, param_dtype=dtype)
+    return _init_params(vision_config, jnp.dtype(dtype), jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compile per config (seed as data)
+def _init_params(vision_config: VisionConfig, dtype, rng: jax.Array) -> dict:
     size = vision_config.image_size
     images = jnp.zeros((1, size, size, 3), _f32)
-    init = jax.jit(lambda rng: model.init(rng, images)["params"])
-    return init(jax.random.key(seed))
+    return VisionEncoder(vision_config, param_dtype=dtype).init(rng, images)["params"]
 
 
 def abstract_params(vision_config: VisionConfig, dtype=_f32) -> dict:

@@ -363,10 +363,13 @@ def _dummy_inputs(vision_config: Gemma4VisionConfig):
 
 def init_params(vision_config: Gemma4VisionConfig, *, seed: int = 0, dtype=_f32) -> dict:
     """Deterministic random `vision_encoder` parameters (tests and the demo)."""
-    model = VisionEncoder(vision_config, param_dtype=dtype)
+    return _init_params(vision_config, jnp.dtype(dtype), jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compile per config (seed as data)
+def _init_params(vision_config: Gemma4VisionConfig, dtype, rng: jax.Array) -> dict:
     patches, positions = _dummy_inputs(vision_config)
-    init = jax.jit(lambda rng: model.init(rng, patches, positions)["params"])
-    return init(jax.random.key(seed))
+    return VisionEncoder(vision_config, param_dtype=dtype).init(rng, patches, positions)["params"]
 
 
 def abstract_params(vision_config: Gemma4VisionConfig, dtype=_f32) -> dict:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_app import kernels
-from gemma_app.jax_utils import release_freed_host_memory
+from gemma_app.jax_utils import huge_pages_for, release_freed_host_memory
 from gemma_app.nn import audio, presets, vision, vision4
 from gemma_app.nn.config import TransformerConfig
 from gemma_app.nn.transformer import Transformer, init_params, stack_layers
@@ -127,6 +127,8 @@ class Engine:
         if self.scan_layers:
             object.__setattr__(self, "params", stack_layers(self.config, self.params))
             release_freed_host_memory()  # the per-layer arrays the stacks replaced
+        if jax.default_backend() == "cpu":
+            huge_pages_for(self.params)  # decode streams them: fewer TLB misses
         if self.supports_images is None:
             loaded = self.config.vision is not None and "vision_encoder" in self.params
             object.__setattr__(self, "supports_images", loaded)

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import threading
 
+import jax
 import jax.monitoring
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -85,3 +86,49 @@ def release_freed_host_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+_MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1+
+_HUGE_PAGE = 2 << 20
+
+
+@functools.cache
+def _madvise():
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def huge_pages_for(tree) -> int:
+    """Moves the host memory of a tree's large CPU arrays (the weights) onto 2 MB pages.
+
+    A decode step streams every weight once; on 4 KB pages that is a TLB miss (a nested page
+    walk under a VM) every 4 KB, and the hardware prefetchers stop at each page edge. THP is
+    usually `madvise`-only and XLA's allocator does not ask, so the weights sit on 4 KB pages.
+    `MADV_COLLAPSE` rebuilds the 2 MB-aligned part of each array on huge pages in place (same
+    addresses, same bytes). In-process A/B on the 2-vCPU AMD EPYC (bench/README.md): Gemma 3
+    270M bf16 decode 38.7 -> 41.2 tok/s, 1B bf16 12.0 -> 12.7, TTFT unchanged; it costs 2-3 s per
+    GB once, at load. Returns the bytes moved: 0 off Linux, on kernels without
+    MADV_COLLAPSE, with THP off, or for arrays not in host memory.
+    """
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    moved = 0
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array) or leaf.nbytes < 2 * _HUGE_PAGE:
+            continue
+        try:
+            if leaf.devices() != {jax.devices("cpu")[0]}:
+                continue
+            address = leaf.unsafe_buffer_pointer()
+        except (RuntimeError, ValueError, NotImplementedError):
+            continue
+        lo = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (address + leaf.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo and madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+            moved += hi - lo
+    return moved

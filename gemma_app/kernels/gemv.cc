@@ -52,17 +52,15 @@ constexpr int64_t kSerialBytes = 1 << 18;  // smaller weights are not worth waki
 constexpr int64_t kUnitsPerWorker = 8;     // granularity of the dynamic split
 constexpr int64_t kPrefetchWeights = 8192;  // how far ahead of its reads a GEMV prefetches w
 
-// A GEMV unit reads one contiguous block of w once. Left to the hardware prefetcher, each call
-// starts cold and the 4 rows read abreast stay behind what memory can deliver. In-process A/B on
-// this machine with this stream running kPrefetchWeights ahead: the 270M bf16 logits GEMV went
-// 38 -> 43-51 GB/s; a decode-like scan of 1B's layer GEMVs gained 6-12% (bf16) and 4-8% (fp32)
-// in each of four repeats. 8 KB of bf16 (4 KB was worse on 1B, 8 to 24 KB tied); 16 KB of fp32
-// (18% ahead of 8 KB on 1B). The first stretch is requested at once, then each Advance requests
-// as many bytes as the caller has just consumed, that far ahead.
-// On the Xeon that replaced that machine (~30 GB/s, higher latency), requests into L2 rather
-// than L1 (a software prefetch into L1 holds one of the few line-fill buffers until its line
-// arrives) and twice the distance: in-process A/B, Gemma 3 1B bf16 logits GEMV 18.8 -> 24.9
-// GB/s, gate GEMV 20.2 -> 22.9 GB/s, fp32 3-5% faster. (32 KB of bf16 tied with 16 KB.)
+// A linear software prefetch running kPrefetchWeights ahead through one contiguous block of w,
+// for the AVX512-BF16 loops (RowsBlockDp, ColsBlockDp; the other GEMV loops read quarters, see
+// QuarterPrefetch). Left to the hardware prefetcher, each call starts cold. Measured on the
+// AVX-512 machines of earlier sessions, when every GEMV loop used it: the 270M bf16 logits GEMV
+// 38 -> 43-51 GB/s, 1B's layer GEMVs 6-12% (bf16) and 4-8% (fp32) faster; on a Xeon with
+// ~30 GB/s and higher latency, requests into L2 rather than L1 (a software prefetch into L1
+// holds one of the few line-fill buffers until its line arrives) and twice the distance: 1B
+// bf16 logits GEMV 18.8 -> 24.9 GB/s. The first stretch is requested at once, then each
+// Advance requests as many bytes as the caller has just consumed, that far ahead.
 class Prefetch {
  public:
   template <typename W>
@@ -80,6 +78,53 @@ class Prefetch {
   const char* base_;
   int64_t size_;
   int64_t next_ = 0;
+};
+
+// A GEMV unit's four rows per pass come one from each quarter of its block, not four adjacent
+// rows: every quarter is then one long stream in memory order. Four adjacent rows are four
+// short streams (a row of 1B is 2304 bytes of bf16) that restart every pass, which the
+// hardware prefetcher follows less well. A standalone C++ probe (two threads, 1 GiB of bf16
+// rows of 1152, alternated) read 24-25 GB/s with adjacent rows, 28-29 adding the linear
+// software prefetch, 32-36 from quarters with a prefetch stream each; a plain read of the
+// same bytes 33-35.
+constexpr int kRowsPerPass = 4;
+
+struct Quarters {
+  int64_t first, len;  // quarter j is rows [first + j * len, first + (j + 1) * len)
+  int64_t tail;        // then rows [first + 4 * len, n1), one by one
+  Quarters(int64_t n0, int64_t n1) : first(n0), len((n1 - n0) / kRowsPerPass) {
+    tail = n0 + kRowsPerPass * len;
+  }
+  int64_t Row(int j, int64_t i) const { return first + j * len + i; }
+};
+
+// Software prefetch for the quarters of a block of rows of `row` weights, kAhead bytes ahead of
+// each quarter's reads. The quarters advance in step, so one counter serves them: a request
+// goes to each quarter whenever they have consumed another line. With quarters the hardware
+// prefetcher does most of the work. In-process A/B, Gemma 3 1B and 270M layer and logits GEMVs
+// on the EPYC: bf16 read 2-5% faster with 1 KB than with none (2 and 4 KB no better, 8 KB
+// worse); fp32 read 3-6% faster with none than with 1 or 2 KB, so fp32 requests nothing.
+template <typename W>
+class QuarterPrefetch {
+ public:
+  static constexpr int64_t kAhead = std::is_same_v<W, float> ? 0 : 1024;
+
+  QuarterPrefetch(const W* w, int64_t row, const Quarters& q)
+      : size_(q.len * row * static_cast<int64_t>(sizeof(W))) {
+    for (int j = 0; j < kRowsPerPass; ++j)
+      base_[j] = reinterpret_cast<const char*>(w + q.Row(j, 0) * row);
+    Advance(kAhead);
+  }
+  void Advance(int64_t bytes) {  // bytes consumed per quarter since the last call
+    if constexpr (kAhead == 0) return;
+    want_ += bytes;
+    for (const int64_t stop = std::min(size_, want_); next_ < stop; next_ += 64)
+      for (const char* base : base_) __builtin_prefetch(base + next_, 0, 2);  // 2: into L2
+  }
+
+ private:
+  const char* base_[kRowsPerPass];
+  int64_t size_, want_ = 0, next_ = 0;
 };
 
 // A prefill GEMM unit packs its weights, then computes on the packed panel; a cold block made
@@ -168,20 +213,23 @@ inline float SumV(VecF v) {
 }
 
 // y[m, n] for rows n in [n0, n1) of one w [N, K] (contraction axis contiguous). Four weight
-// rows per pass share each load of x and give four independent accumulator chains per x row.
+// rows per pass (one per quarter of the block) share each load of x and give four independent
+// accumulator chains per x row.
 template <typename W, int M>
 void RowsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int64_t N, int64_t n0,
                int64_t n1, float* __restrict y) {
-  constexpr int R = 4;
+  constexpr int R = kRowsPerPass;
   const int64_t kv = K / kLanes * kLanes;
-  Prefetch ahead(w + n0 * K, w + n1 * K);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
+  const Quarters q(n0, n1);
+  QuarterPrefetch<W> ahead(w, K, q);
+  for (int64_t i = 0; i < q.len; ++i) {
+    const W* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w + q.Row(r, i) * K;
     VecF acc[M][R] = {};
     for (int64_t k = 0; k < kv; k += kLanes) {
-      ahead.Advance(R * kLanes * sizeof(W));
+      ahead.Advance(kLanes * sizeof(W));
       VecF wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = LoadV(w + (n + r) * K + k);
+      for (int r = 0; r < R; ++r) wv[r] = LoadV(wr[r] + k);
       for (int m = 0; m < M; ++m) {
         const VecF xv = LoadV(x + m * K + k);
         for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
@@ -190,11 +238,11 @@ void RowsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int6
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) {
         float s = SumV(acc[m][r]);
-        for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
-        y[m * N + n + r] = s;
+        for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * Widen(wr[r][k]);
+        y[m * N + q.Row(r, i)] = s;
       }
   }
-  for (; n < n1; ++n) {
+  for (int64_t n = q.tail; n < n1; ++n) {
     for (int m = 0; m < M; ++m) {
       VecF acc = {};
       for (int64_t k = 0; k < kv; k += kLanes) acc += LoadV(x + m * K + k) * LoadV(w + n * K + k);
@@ -216,7 +264,7 @@ template <int M>
 void RowsBlockBf16(const float* __restrict x, const float* __restrict xs,
                    const uint16_t* __restrict w, int64_t K, int64_t N, int64_t n0, int64_t n1,
                    float* __restrict y) {
-  constexpr int R = 4;
+  constexpr int R = kRowsPerPass;
   constexpr int64_t kBlock = 2 * kLanes;
   const int64_t kb = K / kBlock * kBlock;
   const VecU high = VecU{} + 0xffff0000u;
@@ -227,15 +275,14 @@ void RowsBlockBf16(const float* __restrict x, const float* __restrict xs,
     std::memcpy(&even, &e, sizeof even);
     std::memcpy(&odd, &o, sizeof odd);
   };
-  Prefetch ahead(w + n0 * K, w + n1 * K);
-  for (int64_t n = n0; n < n1; n += R) {
-    const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
+  // Rows n[0..rows) at once (a pass over the quarters, or the block's last rows).
+  auto pass = [&](const int64_t (&n)[R], int rows, QuarterPrefetch<uint16_t>* ahead) {
     VecF acc[M][R] = {};
     for (int64_t k = 0; k < kb; k += kBlock) {
-      ahead.Advance(R * kBlock * sizeof(uint16_t));
+      if (ahead) ahead->Advance(kBlock * sizeof(uint16_t));
       VecF even[R], odd[R];
       for (int r = 0; r < R; ++r) {
-        if (r < rows) halves(w + (n + r) * K + k, even[r], odd[r]);
+        if (r < rows) halves(w + n[r] * K + k, even[r], odd[r]);
         else even[r] = odd[r] = VecF{};
       }
       for (int m = 0; m < M; ++m) {
@@ -246,10 +293,15 @@ void RowsBlockBf16(const float* __restrict x, const float* __restrict xs,
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < rows; ++r) {
         float s = SumV(acc[m][r]);
-        for (int64_t k = kb; k < K; ++k) s += x[m * K + k] * Widen(w[(n + r) * K + k]);
-        y[m * N + n + r] = s;
+        for (int64_t k = kb; k < K; ++k) s += x[m * K + k] * Widen(w[n[r] * K + k]);
+        y[m * N + n[r]] = s;
       }
-  }
+  };
+  const Quarters q(n0, n1);
+  QuarterPrefetch<uint16_t> ahead(w, K, q);
+  for (int64_t i = 0; i < q.len; ++i)
+    pass({q.Row(0, i), q.Row(1, i), q.Row(2, i), q.Row(3, i)}, R, &ahead);
+  if (q.tail < n1) pass({q.tail, q.tail + 1, q.tail + 2, q.tail + 3}, n1 - q.tail, nullptr);
 }
 
 // xs for RowsBlockBf16: per block of 2 kLanes of each row of x [M, K], its even then its odd
@@ -317,31 +369,33 @@ void RowsBlockDp(const uint32_t* __restrict xp, int64_t P, const float* __restri
 #endif
 
 // acc[m, :] += sum_{k in [k0, k1)} x[m, k] * w[k, :] for one w [K, N] (output axis contiguous).
-// Four weight rows per pass, so the accumulator row is loaded and stored once per four.
+// Four weight rows per pass (one per quarter of [k0, k1)), so the accumulator row is loaded
+// and stored once per four.
 template <typename W, int M>
 void ColsBlock(const float* __restrict x, const W* __restrict w, int64_t K, int64_t N, int64_t k0,
                int64_t k1, float* __restrict acc) {
   constexpr int64_t kStrip = 128;  // outputs per prefetch step; the strip loop still vectorises
-  Prefetch ahead(w + k0 * N, w + k1 * N);
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const W* __restrict w0 = w + k * N;
-    const W* __restrict w1 = w0 + N;
-    const W* __restrict w2 = w1 + N;
-    const W* __restrict w3 = w2 + N;
+  const Quarters q(k0, k1);
+  QuarterPrefetch<W> ahead(w, N, q);
+  for (int64_t i = 0; i < q.len; ++i) {
+    const int64_t r0 = q.Row(0, i), r1 = q.Row(1, i), r2 = q.Row(2, i), r3 = q.Row(3, i);
+    const W* __restrict w0 = w + r0 * N;
+    const W* __restrict w1 = w + r1 * N;
+    const W* __restrict w2 = w + r2 * N;
+    const W* __restrict w3 = w + r3 * N;
     for (int64_t j0 = 0; j0 < N; j0 += kStrip) {
       const int64_t j1 = std::min(N, j0 + kStrip);
-      ahead.Advance(4 * (j1 - j0) * static_cast<int64_t>(sizeof(W)));
+      ahead.Advance((j1 - j0) * static_cast<int64_t>(sizeof(W)));
       for (int m = 0; m < M; ++m) {
-        const float a0 = x[m * K + k], a1 = x[m * K + k + 1];
-        const float a2 = x[m * K + k + 2], a3 = x[m * K + k + 3];
+        const float a0 = x[m * K + r0], a1 = x[m * K + r1];
+        const float a2 = x[m * K + r2], a3 = x[m * K + r3];
         float* __restrict out = acc + m * N;
         for (int64_t j = j0; j < j1; ++j)
           out[j] += a0 * Widen(w0[j]) + a1 * Widen(w1[j]) + a2 * Widen(w2[j]) + a3 * Widen(w3[j]);
       }
     }
   }
-  for (; k < k1; ++k) {
+  for (int64_t k = q.tail; k < k1; ++k) {
     const W* __restrict wk = w + k * N;
     for (int m = 0; m < M; ++m) {
       const float a = x[m * K + k];

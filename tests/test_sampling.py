@@ -285,6 +285,19 @@ def test_validation_skips_traced_values():
     assert isinstance(out, TopPSampling) and out.p.shape == ()
 
 
+def test_methods_with_the_same_fields_have_different_treedefs():
+    # jax 0.10.2's register_dataclass treedefs compare equal across classes with the same field
+    # names: a jit cache could then run one method's executable for the other.
+    structures = [jax.tree.structure(m) for m in ALL_METHODS]
+    for i, a in enumerate(structures):
+        for j, b in enumerate(structures):
+            assert (a == b) == (i == j), (ALL_METHODS[i], ALL_METHODS[j])
+    top_p, min_p = TopPSampling(p=0.5, temperature=1.0), MinPSampling(p=0.5, temperature=1.0)
+    assert jax.tree.structure(top_p) != jax.tree.structure(min_p)
+    leaves, treedef = jax.tree.flatten(min_p)
+    assert jax.tree.unflatten(treedef, leaves) == min_p
+
+
 def test_changing_values_does_not_recompile():
     variants = [
         [RandomSampling(temperature=t) for t in (1, 0.3, 2.5)],

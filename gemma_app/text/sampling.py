@@ -99,8 +99,8 @@ _TOP_K = _Range(1, MAX_TOP_K, low_inclusive=True, high_inclusive=True, integer=T
 def _is_concrete_number(value: object) -> bool:
     """True for values known at construction time.
 
-    Pytree unflattening re-runs `__init__` with tracers (inside jit/vmap) and with arbitrary
-    placeholders (`None`, `object()`, shardings, axis specs); none of those may be validated.
+    A method may be built with tracers (inside jit/vmap) or placeholders (`None`, `object()`,
+    shardings, axis specs); none of those may be validated.
     """
     if isinstance(value, jax.core.Tracer):
         return False
@@ -151,9 +151,30 @@ class SamplingMethod(abc.ABC):
 
 
 def _pytree_dataclass(cls: type) -> type:
-    """Frozen dataclass whose fields are all pytree leaves (dynamic under jit)."""
+    """Frozen dataclass whose fields are all pytree leaves (dynamic under jit).
+
+    A plain pytree node, not `jax.tree_util.register_dataclass`: in jax 0.10.2 the treedefs of
+    two such dataclasses with the same field names compare equal whatever their classes, so a
+    jit cache whose hash buckets met could run `TopPSampling`'s executable for a `MinPSampling`
+    (seen as a flaky test: min-p drew like top-p). Unflattening bypasses `__init__`: leaves may
+    be tracers, and the values were validated when the method was made.
+    """
     cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def unflatten(_, leaves):
+        method = object.__new__(cls)
+        for name, leaf in zip(names, leaves, strict=True):
+            object.__setattr__(method, name, leaf)
+        return method
+
+    jax.tree_util.register_pytree_with_keys(
+        cls,
+        lambda m: ([(jax.tree_util.GetAttrKey(n), getattr(m, n)) for n in names], None),
+        unflatten,
+        flatten_func=lambda m: ([getattr(m, n) for n in names], None),
+    )
+    return cls
 
 
 @_pytree_dataclass

@@ -156,7 +156,7 @@ def test_eight_concurrent_clients_complete_in_isolation_and_leave_nothing_behind
     gc.collect()
     assert all(ref() is None for ref in samplers)  # every sampler is collected ...
     # ... with its KV cache: polled (worker threads drop their last references a moment after
-    # the sessions are gone), and up to 1 MB may stay. Seen in ~1 of 5 runs: one session's
+    # the sessions are gone), and up to 1 MB may stay. Seen in 1 of 5 runs: one session's
     # [1, S] segment ids (128 KB) outlive it, held outside Python's gc-tracked objects (not
     # found); it does not grow with sessions, and one session's KV cache is 50 MB.
     assert wait_until(lambda: live_array_bytes() <= baseline_arrays + 2**20), (

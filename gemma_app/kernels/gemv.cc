@@ -50,7 +50,7 @@ namespace {
 constexpr int kMaxRows = 4;            // x rows (batch x tokens) per call; more go to XLA's GEMM
 constexpr int64_t kSerialBytes = 1 << 18;  // smaller weights are not worth waking a thread
 constexpr int64_t kUnitsPerWorker = 8;     // granularity of the dynamic split
-constexpr int64_t kPrefetchWeights = 8192;  // how far ahead of its reads a GEMV prefetches w
+constexpr int64_t kPrefetchWeights = 8192;  // how far ahead Prefetch (AVX512-BF16 GEMVs) runs
 
 // A linear software prefetch running kPrefetchWeights ahead through one contiguous block of w,
 // for the AVX512-BF16 loops (RowsBlockDp, ColsBlockDp; the other GEMV loops read quarters, see
@@ -91,7 +91,7 @@ constexpr int kRowsPerPass = 4;
 
 struct Quarters {
   int64_t first, len;  // quarter j is rows [first + j * len, first + (j + 1) * len)
-  int64_t tail;        // then rows [first + 4 * len, n1), one by one
+  int64_t tail;        // the block's last rows [first + 4 * len, n1) follow the quarters
   Quarters(int64_t n0, int64_t n1) : first(n0), len((n1 - n0) / kRowsPerPass) {
     tail = n0 + kRowsPerPass * len;
   }

@@ -168,12 +168,14 @@ def _pytree_dataclass(cls: type) -> type:
             object.__setattr__(method, name, leaf)
         return method
 
-    jax.tree_util.register_pytree_with_keys(
-        cls,
-        lambda m: ([(jax.tree_util.GetAttrKey(n), getattr(m, n)) for n in names], None),
-        unflatten,
-        flatten_func=lambda m: ([getattr(m, n) for n in names], None),
-    )
+    def flatten(method):
+        return [getattr(method, name) for name in names], None
+
+    def flatten_with_keys(method):
+        leaves, aux = flatten(method)
+        return list(zip(map(jax.tree_util.GetAttrKey, names), leaves, strict=True)), aux
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
 
 

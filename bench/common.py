@@ -162,6 +162,14 @@ def worker_args(description: str) -> argparse.Namespace:
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--out", default=None, help="JSON file the metrics are (re)written to")
     ap.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="last phase (engines that have it): this many streaming reps, each between two "
+        "in-process read-bandwidth probes (bench/membw.py ReadProbe), for the bound at the "
+        "machine's speed of that moment",
+    )
+    ap.add_argument(
         "--serve-ttft",
         action="store_true",
         help="duel mode (bench/run.py --duel): set up, warm up the 100-token TTFT, then measure "

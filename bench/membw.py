@@ -12,6 +12,9 @@ and, when JAX is importable, what XLA itself reaches (our engine's compiler):
 GPU (JAX on the default accelerator): the xla_* tests on --gib GiB, plus xla_copy_f32.
 
 `read_gbs` (the bound's bandwidth) is the best median of the read-only tests.
+
+`ReadProbe` is the `dot` test as an object a benchmark worker keeps, to probe the bandwidth in
+its own process right before and after a measurement (bench/worker_ours.py --paired).
 """
 
 from __future__ import annotations
@@ -47,6 +50,34 @@ def in_threads(work, nthreads):
     return run
 
 
+def part(i, t, length):
+    return slice(length * i // t, length * (i + 1) // t)
+
+
+class ReadProbe:
+    """The `dot` test: each of `threads` threads reads its chunk of two float32 arrays (two
+    distant streams per thread, the read test that usually wins here) -> GB/s read."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, threads: int):
+        self.a, self.b, self.nbytes = a, b, a.nbytes + b.nbytes
+        self._sink = [0.0] * threads
+        self.run = in_threads(self._chunk, threads)
+
+    @classmethod
+    def allocate(cls, gib: float, threads: int | None = None) -> ReadProbe:
+        n = int(gib * 2**30 / 8)  # float32 elements of each of the two arrays
+        a, b = np.full(n, 1.0, np.float32), np.full(n, 2.0, np.float32)
+        return cls(a, b, threads or os.cpu_count())
+
+    def _chunk(self, i, t):
+        s = part(i, t, self.a.size)
+        self._sink[i] = float(np.dot(self.a[s], self.b[s]))
+
+    def gbs(self, reps: int = 3) -> float:
+        """Median GB/s of `reps` reads after a warm one."""
+        return statistics.median(self.nbytes / t / 1e9 for t in timed(self.run, reps))
+
+
 def cpu_tests(gib: float, reps: int, threads: int) -> dict:
     n = int(gib * 2**30 / 4)  # float32 elements
     a = np.full(n, 1.0, np.float32)
@@ -54,14 +85,6 @@ def cpu_tests(gib: float, reps: int, threads: int) -> dict:
     rows = 8192
     w = a[: n - n % rows].reshape(rows, -1)
     x = np.ones(w.shape[1], np.float32)
-    sink = [0.0] * threads
-
-    def part(i, t, length):
-        return slice(length * i // t, length * (i + 1) // t)
-
-    def dot_chunk(i, t):
-        s = part(i, t, n)
-        sink[i] = float(np.dot(a[s], b[s]))
 
     def copy_chunk(i, t):
         s = part(i, t, n)
@@ -69,7 +92,7 @@ def cpu_tests(gib: float, reps: int, threads: int) -> dict:
 
     tests = {
         "gemv": (lambda: w @ x, w.nbytes, True),
-        "dot": (in_threads(dot_chunk, threads), 2 * a.nbytes, True),
+        "dot": (ReadProbe(a, b, threads).run, 2 * a.nbytes, True),
         "copy": (in_threads(copy_chunk, threads), 2 * a.nbytes, False),
     }
     results = {}

@@ -15,9 +15,10 @@ Phases (in this order, so the first one sees a fresh process):
   3. loop  : `Sampler.generate_all` (one jitted while_loop) timed alone after a synced
              prefill: decode tok/s = (64 - 1) / its time (the prefill samples token 1).
   4. ttft  : prefill + first token for the 1000-token prompt (two 512-token chunks).
-  5. paired (--paired R): R streaming reps as in phase 2, each between two in-process read-
-             bandwidth probes (membw.ReadProbe, 2 x 1 GiB as in membw.py): bench/run.py turns each into a %
-             of the bound at the bandwidth of that moment. The VM's bandwidth drifts ±30% within
+  5. paired (--paired R): R streaming reps as in phase 2, each between two in-process
+             bandwidth probes (membw.ReadProbe: membw.py's CPU read tests on 1 GiB, best
+             median, the bound's convention): bench/run.py turns each rep into a % of the
+             bound at the mean of its two probes. The VM's bandwidth drifts ±30% within
              minutes, so a probe taken minutes away (before the worker, or the run's best) says
              less about this worker's rate. The probe's arrays come after the peak-RSS reading.
 With --serve-ttft the worker only serves phase 2's TTFT to bench/run.py's duel (common.serve_ttft).
@@ -301,17 +302,20 @@ if args.paired:
     rec.phase("paired")
     import membw  # noqa: E402  (NumPy only)
 
-    probe = membw.ReadProbe.allocate(2.0)
+    probe = membw.ReadProbe(1.0)
 
     def quiet_gbs():
         time.sleep(0.25)  # XLA's pool threads spin a moment after work: not in the probe's way
-        return round(probe.gbs(), 2)
+        gbs, test = probe.gbs()
+        return round(gbs, 2), test
 
     pairs = []
     for _ in range(args.paired):
-        before = quiet_gbs()
+        before, before_test = quiet_gbs()
         tok_s = round(stream_once(ids, N).tok_s, 3)
-        pairs.append({"bw_before": before, "tok_s": tok_s, "bw_after": quiet_gbs()})
+        after, after_test = quiet_gbs()
+        pairs.append({"bw_before": before, "tok_s": tok_s, "bw_after": after,
+                      "tests": [before_test, after_test]})  # fmt: skip
         rec.set(paired=pairs)
     del probe
 rec.done()

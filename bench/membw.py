@@ -119,12 +119,7 @@ def cpu_tests(gib: float, reps: int, threads: int) -> dict:
     n = int(gib * 2**30 / 4)  # float32 elements
     a = np.full(n, 1.0, np.float32)
     b = np.full(n, 2.0, np.float32)
-    results = measure({**numpy_tests(a, b, threads), **xla_fns(a)}, reps)
-    if any(k.startswith("xla_") for k in results):
-        import jax
-
-        results["_xla_backend"] = jax.default_backend()
-    return results
+    return {**measure(numpy_tests(a, b, threads), reps), **xla_tests(a, reps)}
 
 
 def xla_tests(a: np.ndarray | None, reps: int, gib: float = 1.0) -> dict:

@@ -402,21 +402,25 @@ def adjacent_gbs(row) -> float | None:
     return (row.get("membw_before") or {}).get("read_gbs")
 
 
+def paired_gbs(row) -> list[float]:
+    """The bandwidth of each of the worker's `--paired` streaming reps: the mean of the two
+    in-process probes around it."""
+    return [(p["bw_before"] + p["bw_after"]) / 2 for p in row.get("paired") or ()]
+
+
 def paired_pcts(row, cfg) -> list[float]:
-    """% of the bound of each of the worker's `--paired` streaming reps, at the mean of the two
-    in-process bandwidth probes around it."""
-    out = []
-    for p in row.get("paired") or ():
-        _, bound = bound_for(row, cfg, (p["bw_before"] + p["bw_after"]) / 2)
-        out.append(100 * p["tok_s"] / bound)
-    return out
+    """% of the bound of each `--paired` streaming rep, at its `paired_gbs`."""
+    return [
+        100 * p["tok_s"] / bound_for(row, cfg, bw)[1]
+        for p, bw in zip(row.get("paired") or (), paired_gbs(row), strict=True)
+    ]
 
 
 def paired_txt(row, cfg) -> str:
     pcts = paired_pcts(row, cfg)
     if not pcts:
         return "n/a"
-    bws = [(p["bw_before"] + p["bw_after"]) / 2 for p in row["paired"]]
+    bws = paired_gbs(row)
     return (f"{statistics.median(pcts):.0f}% ({min(pcts):.0f}-{max(pcts):.0f}%; "
             f"{min(bws):.0f}-{max(bws):.0f} GB/s)")  # fmt: skip
 

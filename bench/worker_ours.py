@@ -300,7 +300,7 @@ rec.set(device_peak_mib=device_peak_mib(), peak_rss_bench_mib=round(common.peak_
 # ---- 5. streaming between in-process bandwidth probes --------------------------------------
 if args.paired:
     rec.phase("paired")
-    import membw  # noqa: E402  (NumPy only)
+    import membw  # noqa: E402  (NumPy, and JAX's CPU backend)
 
     probe = membw.ReadProbe(1.0)
 

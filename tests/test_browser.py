@@ -47,6 +47,23 @@ RECORD_LENGTHS = """() => {
 }"""
 
 
+def assert_streamed(recorded: list[int]) -> None:
+    """`RECORD_LENGTHS`' lengths show several refreshes of a growing answer.
+
+    The answer is rendered as markdown, so a refresh may shorten the shown text a little where a
+    span closes (`**word` becomes a bold word: four characters fewer; seen in CI, a sampled
+    answer went from 1028 to 1024 characters). Growth is therefore checked against the longest
+    text shown so far, less a tenth: an answer that was replaced or cleared falls far below.
+    """
+    lengths = [n for n in recorded if n > 0]
+    assert len(set(lengths)) >= 2, lengths  # several refreshes ...
+    longest = 0
+    for n in lengths:  # ... of a growing answer
+        assert n >= 0.9 * longest, (n, longest, lengths)
+        longest = max(longest, n)
+    assert lengths[-1] > lengths[0], lengths
+
+
 # Clicks stop as soon as the second answer shows text. The click comes from inside the page
 # because the demo model writes ~1000 tokens/s: a round trip through Playwright (which also
 # waits for a layout-stable target) would often arrive after the answer had finished.
@@ -158,9 +175,7 @@ def test_chat_stream_stop_and_refused_upload_in_chromium(page, tmp_path):
         "<\u200bstart_of_turn>"
     )
     expect(page.locator("#answer-stats")).to_contain_text("context", timeout=TIMEOUT_MS)
-    lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
-    assert len(set(lengths)) >= 2, lengths  # several refreshes ...
-    assert lengths == sorted(lengths)  # ... of a growing answer
+    assert_streamed(page.evaluate("window.__lengths"))
     assert "300 tokens" in stats_text(page)
 
     # The stop button ends a long answer.
@@ -214,6 +229,5 @@ def test_a_microphone_recording_is_answered_by_the_gemma4_demo(page_gemma4):
     (session,) = map(page.app.registry.peek, page.app.registry.keys())  # not a dict
     (turn,) = session.sampler.turns
     assert len(turn.audio) == 1 and turn.user == "What did I say?" and turn.answer
-    lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
-    assert len(set(lengths)) >= 2 and lengths == sorted(lengths), lengths
+    assert_streamed(page.evaluate("window.__lengths"))
     assert page.external_requests == []
